@@ -1,0 +1,196 @@
+"""The `tckr-engine` command line. A shell: each command parses flags, builds a config, calls one function.
+
+Errors the user can fix (`TckrError`) are printed as one red line on stderr with exit code 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from tckr_engine.errors import TckrError
+
+app = typer.Typer(
+    name="tckr-engine",
+    help="Synthetic image datasets from diffusion models (TCKR / KR), generated at scale.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("tckr_engine").setLevel(level)
+    for noisy in ("diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models come from local paths
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class _RichProgress:
+    """Adapts the library's progress callbacks to a rich progress bar with images/sec."""
+
+    def __init__(self, progress: Progress, label: str) -> None:
+        self.progress, self.label, self.task = progress, label, None
+
+    def start(self, total: int, done: int) -> None:
+        self.task = self.progress.add_task(self.label, total=total, completed=done)
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+
+def _images_per_second() -> Any:
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f} img/s" if speed else "-- img/s", style="cyan")
+
+    return Rate()
+
+
+@app.command()
+def generate(
+    shards: Annotated[
+        Path, typer.Option("--shards", help="Output shard folder (created; resumed if it exists).")
+    ],
+    model: Annotated[str | None, typer.Option(help="Generator: a preset name or a folder.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Real dataset giving class names and indices.")] = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", help="Images to generate.")] = None,
+    shard_size: Annotated[int | None, typer.Option("--shard-size", help="Samples per shard.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (<=1: off).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="ddim | dpm++ | euler")] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed; per-image seeds derive from it.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per denoiser batch.")] = None,
+    image_format: Annotated[str | None, typer.Option("--format", help="png | jpg | webp")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
+    attention: Annotated[str | None, typer.Option(help="auto | sdpa | triton | xformers")] = None,
+    captions: Annotated[Path | None, typer.Option(help="Captions JSONL from 'tckr-engine caption'.")] = None,
+    prompt_template: Annotated[
+        str | None, typer.Option("--prompt-template", help="Without captions.")
+    ] = None,
+    teacher: Annotated[
+        Path | None, typer.Option(help="Classifier folder: adds logits.npy per sample.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (recorded in run.json).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Override a preset's size.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file with a [generate] table.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a folder holding another run.")
+    ] = False,
+    writers: Annotated[int, typer.Option(help="Encoding threads.")] = 2,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Generate a synthetic dataset into sharded WebDataset tars (resumable, deterministic)."""
+    _setup_logging(verbose)
+    from tckr_engine.config import GenerateConfig, generate_config_from_toml
+    from tckr_engine.engine.generate import generate as run_generate
+
+    base = generate_config_from_toml(config) if config is not None else GenerateConfig()
+    cfg = base.merged(
+        {
+            "model": model,
+            "dataset": dataset,
+            "num_images": num_images,
+            "shard_size": shard_size,
+            "steps": steps,
+            "guidance": guidance,
+            "sampler": sampler,
+            "seed": seed,
+            "batch_size": batch_size,
+            "image_format": image_format,
+            "device": device,
+            "dtype": dtype,
+            "attention": attention,
+            "captions": str(captions) if captions else None,
+            "prompt_template": prompt_template,
+            "teacher": str(teacher) if teacher else None,
+            "threads": threads,
+            "image_size": image_size,
+        }
+    ).validate()
+    if writers < 1:
+        raise TckrError(f"writers must be a positive integer, got {writers}")
+    with Progress(
+        TextColumn("[bold]generate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _images_per_second(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        summary = run_generate(
+            cfg, shards, overwrite=overwrite, writers=writers, progress=_RichProgress(bar, "generate")
+        )
+    console.print(
+        f"[green]done[/green]: {summary.images} images in {summary.shards} shards at {summary.out} "
+        f"({summary.generated} generated in {summary.seconds:.1f} s, "
+        f"{summary.images_per_second:.2f} images/s)"
+    )
+
+
+@app.command()
+def verify(
+    shards: Annotated[Path, typer.Argument(help="Shard folder written by 'generate'.")],
+) -> None:
+    """Check every shard against its stats file; exit 1 naming each missing or corrupt shard."""
+    _setup_logging(False)
+    from tckr_engine.engine.generate import verify as run_verify
+
+    problems = run_verify(shards)
+    for name, problem in problems:
+        console.print(f"[red]bad[/red] {shards / name}: {problem}")
+    if problems:
+        console.print(f"{len(problems)} problem(s) in {shards}; rerun the same 'generate' command to repair")
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/green]: every shard in {shards} agrees with its stats file")
+
+
+@app.command()
+def presets() -> None:
+    """List the built-in generator presets."""
+    from tckr_engine.models.generator import list_presets
+
+    for name, desc in list_presets().items():
+        typer.echo(f"{name:14s} {desc}")
+
+
+def main() -> None:
+    try:
+        app()
+    except TckrError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Validated configuration for the pipeline stages, TOML loading and named presets.
+
+A config is plain data (a dataclass). Each stage has one: `GenerateConfig` is what `tckr-engine generate`
+and `generate_shards` take. Values come, in increasing priority, from the dataclass defaults, a TOML file
+(`[generate]` table) and CLI flags. Every check raises `TckrError` with one line naming the bad field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from tckr_engine.errors import TckrError
+
+SAMPLERS = ("ddim", "dpm++", "euler")
+IMAGE_FORMATS = ("png", "jpg", "webp")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("auto", "sdpa", "triton", "xformers")
+BACKENDS = ("torch",)
+MAX_SHARD_SIZE = 99_999  # the sample key is "{shard:06d}{index:05d}"
+MAX_SHARDS = 999_999
+
+
+@dataclass
+class GenerateConfig:
+    """Everything that decides the content of a synthetic shard folder.
+
+    Two runs with equal resolved configs (see `engine.spec.resolve`) write byte-identical shards on the
+    same device and backend.
+    """
+
+    model: str = "tiny-fmnist"  # a preset name (see `tckr-engine presets`) or a generator folder
+    dataset: str = "fashion-mnist"  # where class names (and their indices) come from
+    num_images: int = 1000
+    shard_size: int = 1024  # a multiple of batch_size avoids padded batches
+    batch_size: int = 64
+    steps: int = 20
+    guidance: float = 2.0  # TCKR's value; <= 1 disables classifier-free guidance (one forward per step)
+    sampler: str = "dpm++"
+    seed: int = 0
+    image_format: str = "png"
+    quality: int = 95  # jpg / webp quality; png is lossless
+    device: str = "auto"  # cuda when available, else cpu
+    dtype: str = "auto"  # fp32 on cpu, fp16 on cuda
+    attention: str = "auto"  # triton on cuda when available, else sdpa
+    backend: str = "torch"
+    captions: str | None = None  # JSONL from `tckr-engine caption`; class-name prompts when absent
+    prompt_template: str = "{name}"  # used without captions; "{name}" is replaced by the class name
+    teacher: str | None = None  # classifier folder; adds `logits.npy` to every sample
+    threads: int | None = None  # CPU threads; None = this machine's default (recorded in run.json)
+    image_size: int | None = None  # override the preset's resolution (presets only)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def validate(self) -> GenerateConfig:
+        """Check every field; raise TckrError naming the first bad one. Returns self."""
+        _positive("num_images", self.num_images)
+        _positive("shard_size", self.shard_size, hi=MAX_SHARD_SIZE)
+        _positive("batch_size", self.batch_size, hi=65_536)
+        _positive("steps", self.steps, hi=1000)
+        if -(-self.num_images // self.shard_size) > MAX_SHARDS:
+            raise TckrError(
+                f"num_images={self.num_images} with shard_size={self.shard_size} needs more than "
+                f"{MAX_SHARDS} shards; raise --shard-size"
+            )
+        if not isinstance(self.guidance, int | float) or self.guidance < 0:
+            raise TckrError(f"guidance must be a number >= 0, got {self.guidance!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise TckrError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        _choice("sampler", self.sampler, SAMPLERS)
+        _choice("image_format", self.image_format, IMAGE_FORMATS)
+        _choice("device", self.device, DEVICES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("attention", self.attention, ATTENTION)
+        _choice("backend", self.backend, BACKENDS)
+        _positive("quality", self.quality, hi=100)
+        if self.threads is not None:
+            _positive("threads", self.threads, hi=1024)
+        if self.image_size is not None:
+            _positive("image_size", self.image_size, hi=4096)
+        if "{name}" not in self.prompt_template:
+            raise TckrError(
+                f"prompt_template must contain '{{name}}' (the class name), got {self.prompt_template!r}"
+            )
+        if not isinstance(self.model, str) or not self.model:
+            raise TckrError("model must be a preset name or a generator folder")
+        return self
+
+    def merged(self, overrides: Mapping[str, Any]) -> GenerateConfig:
+        """A copy with the non-None values of `overrides` applied (CLI flags over file values)."""
+        known = {f.name for f in fields(self)} - {"extra"}
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TckrError(f"unknown generate option(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(name: str, value: Any, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TckrError(f"{name} must be a positive integer, got {value!r}")
+    if hi is not None and value > hi:
+        raise TckrError(f"{name} must be at most {hi}, got {value}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise TckrError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; a missing or malformed file is one clear TckrError."""
+    p = Path(path)
+    if not p.is_file():
+        raise TckrError(f"config file not found: {p}; pass an existing .toml file")
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise TckrError(f"config file {p} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise TckrError(f"cannot read config file {p}: {e.strerror}") from None
+
+
+def generate_config_from_toml(path: str | Path) -> GenerateConfig:
+    """Build a GenerateConfig from the `[generate]` table of a TOML file (keys may use - or _)."""
+    data = load_toml(path)
+    table = data.get("generate", {})
+    if not isinstance(table, dict):
+        raise TckrError(f"[generate] in {path} must be a table")
+    known = {f.name for f in fields(GenerateConfig)} - {"extra"}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise TckrError(
+                f"unknown key '{key}' in [generate] of {path}; valid keys: {', '.join(sorted(known))}"
+            )
+        values[name] = value
+    try:
+        return GenerateConfig(**values)
+    except TypeError as e:  # pragma: no cover - guarded by the key check above
+        raise TckrError(f"bad [generate] table in {path}: {e}") from None

@@ -1,0 +1,112 @@
+"""The Engine: owns the generation loop (schedule -> sample -> hand off to the writer pool).
+
+Per batch: prompt embeddings come from a cache filled once per unique prompt; the noise comes from each job's
+own seed; the sampler runs the whole denoising loop with classifier-free guidance batched into one forward;
+images are converted to uint8 on the device, labelled by the teacher there, and only then copied to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from tckr_engine.engine.sampler import denoise, initial_noise, make_scheduler, unet_fn
+from tckr_engine.engine.scheduler import Batch, BatchScheduler
+from tckr_engine.engine.spec import DTYPES, Resources
+from tckr_engine.engine.writer import ShardWriterPool
+
+log = logging.getLogger(__name__)
+
+UNCOND_PROMPT = ""  # the unconditional context for classifier-free guidance, as in diffusers pipelines
+
+
+class Engine:
+    """Generates the batches of a run spec with a loaded generator (and optional teacher)."""
+
+    def __init__(self, spec: dict[str, Any], resources: Resources) -> None:
+        self.spec = spec
+        self.device = torch.device(spec["device"])
+        self.dtype = DTYPES[spec["dtype"]]
+        self.generator = resources.generator.to(self.device, self.dtype)
+        self.teacher = resources.teacher
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        self.scheduler = BatchScheduler(
+            spec["num_images"], spec["shard_size"], spec["batch_size"], resources.prompts, spec["seed"]
+        )
+        self._set_attention(spec["attention"])
+        self.denoiser = unet_fn(self.generator.unet)
+        self._embeddings: dict[str, torch.Tensor] = {}
+        self._uncond = self.embed([UNCOND_PROMPT]) if spec["guidance"] > 1.0 else None  # (1, L, D)
+
+    def _set_attention(self, name: str) -> None:
+        if name == "sdpa":
+            return  # diffusers' default processor already calls scaled_dot_product_attention
+        from tckr_engine.kernels.processor import set_attention_backend
+
+        set_attention_backend(self.generator.unet, name)
+
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """(B, L, D) context for the prompts; each unique prompt is encoded once per engine."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
+        if missing:
+            for p, e in zip(missing, self.generator.text_encoder(missing), strict=True):
+                self._embeddings[p] = e
+        return torch.stack([self._embeddings[p] for p in prompts])
+
+    @torch.inference_mode()
+    def sample(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Generate one batch: uint8 images (B, H, W, C) and teacher logits (B, K) or None, on the device."""
+        jobs = batch.jobs
+        cond = self.embed([j.prompt.text for j in jobs])  # (B, L, D)
+        sched = make_scheduler(self.spec["sampler"], self.generator.schedule, self.generator.kind)
+        noise = initial_noise([j.seed for j in jobs], self.generator.latent_shape, self.device, self.dtype)
+        x = denoise(
+            self.denoiser,
+            sched,
+            noise * sched.init_noise_sigma,
+            cond,
+            self._uncond,
+            self.spec["guidance"],
+            self.spec["steps"],
+        )
+        images = self.generator.decode(x)  # (B, H, W, C) uint8
+        logits = self.teacher(images).float() if self.teacher is not None else None  # (B, K)
+        return images, logits
+
+    def metadata(self, batch: Batch) -> list[dict[str, Any]]:
+        classes, spec = self.spec["classes"], self.spec
+        return [
+            {
+                "index": j.index,
+                "seed": j.seed,
+                "class_name": classes[j.class_index],
+                "caption": j.prompt.caption,
+                "guidance": spec["guidance"],
+                "steps": spec["steps"],
+                "sampler": spec["sampler"],
+                "generator": spec["generator"]["id"],
+                "source": spec["source"],
+            }
+            for j in batch.jobs[: batch.n_real]
+        ]
+
+    def run(
+        self,
+        shard_ids: Iterable[int],
+        writer: ShardWriterPool,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        """Generate every batch of `shard_ids` into `writer`; `on_batch(n)` reports n new images."""
+        for batch in self.scheduler.schedule(shard_ids):
+            images, logits = self.sample(batch)
+            n = batch.n_real
+            host_images = images[:n].cpu().numpy()
+            host_logits = logits[:n].cpu().numpy().astype(np.float16) if logits is not None else None
+            writer.submit(batch, host_images, self.metadata(batch), host_logits)
+            if on_batch is not None:
+                on_batch(n)

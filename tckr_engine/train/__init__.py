@@ -1,0 +1,1 @@
+"""tckr_engine.train"""
