@@ -71,7 +71,8 @@ class BatchScheduler:
             raise ValueError("every class needs at least one prompt")
         self.num_images = num_images
         self.shard_size = shard_size
-        self.batch_size = batch_size
+        # Never pad beyond what a shard can hold: 8 images with --batch-size 64 run as one batch of 8.
+        self.batch_size = min(batch_size, shard_size, num_images)
         self.prompts = [list(p) for p in prompts]
         self.num_classes = len(prompts)
         self.seed = seed

@@ -235,7 +235,11 @@ def interpreting() -> bool:
     Only then can it run on CPU tensors. Triton decides at import time: its own `tl.*` helpers are jitted
     when `triton.language` is first imported, so setting the variable later has no effect.
     """
-    return HAS_TRITON and isinstance(_attn_fwd, InterpretedFunction)
+    # Both must hold: setting the variable after `import triton` makes our kernel interpreted but leaves
+    # triton's own helpers (tl.zeros, tl.max, tl.sum) compiled, and calling those fails.
+    return (
+        HAS_TRITON and isinstance(_attn_fwd, InterpretedFunction) and isinstance(tl.max, InterpretedFunction)
+    )
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -299,8 +303,10 @@ def triton_attention(
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
     if interpreting():
+        if q.dtype == torch.bfloat16:  # numpy has no bf16: the interpreter multiplies the raw bits
+            raise ValueError("the Triton interpreter cannot compute bf16 dots; use fp16/fp32 or a GPU")
         kernel, config = _attn_fwd, config or heuristic_config(seq_q, seq_k)
-    elif q.device.type != "cuda":
+    elif q.device.type != "cuda" or isinstance(_attn_fwd, InterpretedFunction):
         raise RuntimeError(
             "the Triton kernel runs on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 "
             "before triton is imported"

@@ -198,9 +198,11 @@ class Generator:
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Generator:
         self.device, self.dtype = torch.device(device), dtype
-        self.unet.to(self.device, dtype)
-        if self.vae is not None:
-            self.vae.to(self.device, dtype)
+        for module in (self.unet, self.vae):
+            if module is not None:
+                module.to(self.device)
+                if module.dtype != dtype:  # diffusers warns on any dtype cast, even a no-op one
+                    module.to(dtype)
         self.text_encoder.to(self.device, dtype)
         return self
 

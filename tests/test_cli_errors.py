@@ -1,0 +1,182 @@
+"""Bad input: one clear line on stderr, exit != 0, no traceback, no output that looks complete."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tckr_engine.models.classifier import Classifier, save_classifier
+
+FAST = [
+    "--model",
+    "tiny-digits",
+    "--dataset",
+    "digits",
+    "--num-images",
+    "8",
+    "--batch-size",
+    "8",
+    "--steps",
+    "2",
+]
+
+
+def assert_one_line_error(result, *needles):
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert result.code == 2, result.err
+    assert len(lines) == 1, f"expected one line, got:\n{result.err}"
+    assert lines[0].startswith("error:") and "Traceback" not in result.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def captions(tmp_path):
+    def write(text):
+        path = tmp_path / "captions.jsonl"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+CASES = {
+    "missing dataset folder": (["--dataset", "/no/such/dataset"], ["/no/such/dataset"]),
+    "unknown preset": (["--model", "no-such-preset"], ["unknown model 'no-such-preset'", "tiny-fmnist"]),
+    "missing generator folder": (["--model", "./no/such/generator"], ["generator folder not found"]),
+    "negative count": (["--num-images", "-5"], ["num_images must be a positive integer"]),
+    "zero shard size": (["--shard-size", "0"], ["shard_size"]),
+    "oversized shard": (["--shard-size", "200000"], ["shard_size must be at most 99999"]),
+    "negative guidance": (["--guidance", "-1"], ["guidance"]),
+    "unknown sampler": (["--sampler", "plms"], ["sampler must be one of ddim, dpm++, euler"]),
+    "unknown format": (["--format", "gif"], ["image_format"]),
+    "missing captions": (["--captions", "/no/captions.jsonl"], ["captions file not found"]),
+    "missing teacher": (["--teacher", "/no/teacher"], ["classifier not found at /no/teacher"]),
+    "cuda without gpu": (["--device", "cuda"], ["no CUDA GPU"]),
+    "template without name": (["--prompt-template", "a photo"], ["{name}"]),
+    "missing config file": (["--config", "/no/config.toml"], ["config file not found"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_generate_flag(cli, tmp_path, name):
+    if name == "cuda without gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    args, needles = CASES[name]
+    out = tmp_path / "out"
+    flags = FAST + args  # later flags win in click, so the bad value is the one used
+    result = cli("generate", "--shards", out, *flags)
+    assert_one_line_error(result, *needles)
+    assert not out.exists(), "a refused run must not create its output folder"
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ('{"class_name": "3", "prompt": "3: a digit"}\nnot json\n', "line 2: expected a JSON object"),
+        ('{"class_name": "cat", "prompt": "cat: meow"}\n', "unknown class name 'cat'"),
+        ('{"class_name": "3", "class_index": 4, "prompt": "3: x"}\n', "class_index 4 for '3'"),
+        ('{"class_name": "3", "prompt": "3: only one class"}\n', "no caption for class(es): 0, 1, 2"),
+        ("\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_corrupt_captions(cli, tmp_path, captions, text, needle):
+    path = tmp_path / "captions.jsonl"
+    if needle == "not UTF-8":
+        path.write_bytes(b"\xff\xfe\x00bad")
+    else:
+        captions(text)
+    result = cli("generate", "--shards", tmp_path / "out", *FAST, "--captions", path)
+    assert_one_line_error(result, needle)
+
+
+def test_unwritable_output(cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = cli("generate", "--shards", blocker / "sub", *FAST)
+    assert_one_line_error(result, "cannot write to")
+
+
+def test_foreign_non_empty_folder_is_refused(cli, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = cli("generate", "--shards", out, *FAST)
+    assert_one_line_error(result, "not empty and holds no run.json")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_spec_mismatch_on_resume(cli, tiny_run, tmp_path):
+    out = tmp_path / "resume"
+    shutil.copytree(tiny_run, out)
+    result = cli(
+        "generate",
+        "--shards",
+        out,
+        "--model",
+        "tiny-digits",
+        "--dataset",
+        "digits",
+        "--num-images",
+        "100",
+        "--shard-size",
+        "40",
+        "--batch-size",
+        "16",
+        "--steps",
+        "5",
+        "--threads",
+        "1",
+    )
+    assert_one_line_error(result, "holds a different run (changed: steps)", "--overwrite")
+
+
+def test_teacher_with_other_classes(cli, tmp_path):
+    teacher = Classifier("small-cnn", 3, 1, 8, ("a", "b", "c"), width=4)
+    save_classifier(teacher, tmp_path / "teacher")
+    result = cli("generate", "--shards", tmp_path / "out", *FAST, "--teacher", tmp_path / "teacher")
+    assert_one_line_error(result, "differ from the dataset's")
+
+
+def test_broken_toml(cli, tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[generate]\nnum-imagez = 3\n")
+    result = cli("generate", "--shards", tmp_path / "out", "--config", cfg)
+    assert_one_line_error(result, "unknown key 'num-imagez'")
+
+
+def test_verify_names_the_corrupt_shard(cli, tiny_run, tmp_path):
+    out = tmp_path / "corrupt"
+    shutil.copytree(tiny_run, out)
+    (out / "shards" / "000001.tar").write_bytes(b"garbage")
+    result = cli("verify", out)
+    assert result.code == 1 and "000001.tar" in result.err and "000000.tar" not in result.err
+    assert cli("verify", tiny_run).code == 0
+    assert_one_line_error(cli("verify", tmp_path / "nothing"), "shard folder not found")
+
+
+def test_real_subprocess_exit_code(tmp_path):
+    """The installed entry point itself (not only the in-process runner) exits 2 with one line."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tckr_engine.cli",
+            "generate",
+            "--shards",
+            str(tmp_path / "o"),
+            "--num-images",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "error: num_images must be a positive integer, got 0"
+    ]
+    assert json.dumps(proc.stdout) == '""'
