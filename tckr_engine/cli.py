@@ -178,6 +178,141 @@ def verify(
 
 
 @app.command()
+def caption(
+    out: Annotated[Path, typer.Option("--out", help="Captions JSONL to write.")],
+    dataset: Annotated[str, typer.Option(help="fashion-mnist | digits | FOLDER")] = "fashion-mnist",
+    captioner: Annotated[str, typer.Option(help="attributes | hf")] = "attributes",
+    caption_model: Annotated[
+        Path | None, typer.Option("--caption-model", help="hf: local model folder.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda (hf captioner)")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="hf: images per batch.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="hf: caption length.")] = 20,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Caption every image of the real train split; prompt = "<class name>: <caption>"."""
+    _setup_logging(verbose)
+    from tckr_engine.data import load_dataset
+    from tckr_engine.data.captioners import caption_dataset, write_captions
+
+    data = load_dataset(dataset, "train")
+    with Progress(
+        TextColumn("[bold]caption"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        task = bar.add_task("caption", total=len(data))
+        captions = caption_dataset(
+            data,
+            captioner,
+            str(caption_model) if caption_model else None,
+            device,
+            batch_size,
+            max_new_tokens,
+            progress=lambda n: bar.advance(task, n),
+        )
+    write_captions(out, data, captions)
+    console.print(f"[green]done[/green]: {len(captions)} captions ({len(set(captions))} distinct) -> {out}")
+
+
+@app.command()
+def finetune(
+    out: Annotated[Path, typer.Option("--out", help="Generator folder to write (resumed if it exists).")],
+    preset: Annotated[str, typer.Option(help="Built-in UNet preset to train from scratch.")] = "tiny-fmnist",
+    dataset: Annotated[str, typer.Option(help="fashion-mnist | digits | FOLDER")] = "fashion-mnist",
+    captions: Annotated[Path | None, typer.Option(help="Captions JSONL; class names otherwise.")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 3600,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 250,
+    sample_every: Annotated[int, typer.Option("--sample-every", help="Sample grid PNG cadence.")] = 500,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train a text-conditioned generator (from scratch for the built-in small UNets)."""
+    _setup_logging(verbose)
+    from tckr_engine.train.generator import ScratchConfig, train_scratch
+
+    cfg = ScratchConfig(
+        preset=preset,
+        dataset=dataset,
+        captions=str(captions) if captions else None,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        sample_every=sample_every,
+        threads=threads,
+    )
+    with Progress(
+        TextColumn("[bold]finetune"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("finetune", total=steps, loss="--")
+
+        def advance(n: int, loss: float) -> None:
+            bar.update(task, advance=n, loss=f"{loss:.4f}")
+
+        path = train_scratch(cfg, out, overwrite=overwrite, progress=advance)
+    console.print(f"[green]done[/green]: generator saved to {path}")
+
+
+@app.command()
+def teacher(
+    out: Annotated[Path, typer.Option("--out", help="Teacher folder to write (weights, metrics.json).")],
+    dataset: Annotated[str, typer.Option(help="fashion-mnist | digits | FOLDER")] = "fashion-mnist",
+    arch: Annotated[str, typer.Option(help="resnet-small | small-cnn | timm:<name>")] = "resnet-small",
+    epochs: Annotated[int, typer.Option(help="Training epochs; the best on validation is kept.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine decay).")] = 1e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous teacher run.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train the teacher classifier on real data (best epoch chosen on a validation split of train)."""
+    _setup_logging(verbose)
+    from tckr_engine.train.teacher import TeacherConfig, train_teacher
+
+    cfg = TeacherConfig(
+        arch=arch,
+        dataset=dataset,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        threads=threads,
+        device=device,
+    ).validate()
+    with Progress(
+        TextColumn("[bold]teacher"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("teacher", total=None, loss="--", acc="--")
+
+        def advance(done: int, total: int, loss: float, acc: float) -> None:
+            bar.update(task, completed=done, total=total, loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+
+        metrics = train_teacher(cfg, out, progress=advance, overwrite=overwrite)
+    console.print(
+        f"[green]done[/green]: best epoch {metrics['best_epoch']} "
+        f"(val acc {metrics['best_val_accuracy']:.4f}), test acc {metrics['test_accuracy']:.4f} -> {out}"
+    )
+
+
+@app.command()
 def presets() -> None:
     """List the built-in generator presets."""
     from tckr_engine.models.generator import list_presets

@@ -35,18 +35,17 @@ def captions_digest(path: str | Path) -> str:
         ) from None
 
 
-def read_captions(path: str | Path, classes: Sequence[str]) -> list[list[Prompt]]:
-    """Per-class prompt lists (in file order) from a captions JSONL file."""
+def _rows(path: str | Path, classes: Sequence[str]) -> list[tuple[int, dict, int]]:
+    """Validated (line number, row, class position) triples of a captions file."""
     p = Path(path)
     if not p.is_file():
         raise TckrError(f"captions file not found: {p}; create it with 'tckr-engine caption'")
-    per_class: list[list[Prompt]] = [[] for _ in classes]
     position = {name: i for i, name in enumerate(classes)}
-    with p.open(encoding="utf-8", errors="strict") as f:
-        try:
-            lines = list(enumerate(f, start=1))
-        except UnicodeDecodeError:
-            raise TckrError(f"captions file {p} is not UTF-8 text") from None
+    try:
+        lines = list(enumerate(p.read_text(encoding="utf-8").splitlines(), start=1))
+    except UnicodeDecodeError:
+        raise TckrError(f"captions file {p} is not UTF-8 text") from None
+    rows = []
     for lineno, line in lines:
         if not line.strip():
             continue
@@ -69,11 +68,40 @@ def read_captions(path: str | Path, classes: Sequence[str]) -> list[list[Prompt]
                 f"captions file {p}, line {lineno}: class_index {row['class_index']} for {name!r}, but the "
                 f"dataset indexes it as {position[name]}; regenerate the captions for this dataset"
             )
-        per_class[position[name]].append(Prompt(prompt, str(row.get("caption", ""))))
+        rows.append((lineno, row, position[name]))
+    return rows
+
+
+def read_captions(path: str | Path, classes: Sequence[str]) -> list[list[Prompt]]:
+    """Per-class prompt lists (in file order) from a captions JSONL file."""
+    per_class: list[list[Prompt]] = [[] for _ in classes]
+    for _, row, c in _rows(path, classes):
+        per_class[c].append(Prompt(row["prompt"], str(row.get("caption", ""))))
     missing = [classes[i] for i, plist in enumerate(per_class) if not plist]
     if missing:
-        raise TckrError(f"captions file {p} has no caption for class(es): {', '.join(missing)}")
+        raise TckrError(f"captions file {path} has no caption for class(es): {', '.join(missing)}")
     return per_class
+
+
+def read_captions_per_image(path: str | Path, classes: Sequence[str], labels: Sequence[int]) -> list[str]:
+    """The prompt of every training image, by the `index` field; each must agree with the image's label."""
+    prompts: list[str | None] = [None] * len(labels)
+    for lineno, row, c in _rows(path, classes):
+        i = row.get("index")
+        if not isinstance(i, int) or not 0 <= i < len(labels):
+            raise TckrError(
+                f"captions file {path}, line {lineno}: index {i!r} outside the {len(labels)} images"
+            )
+        if int(labels[i]) != c:
+            raise TckrError(
+                f"captions file {path}, line {lineno}: image {i} is a {classes[int(labels[i])]!r}, "
+                f"the caption says {classes[c]!r}; were the captions made for another dataset?"
+            )
+        prompts[i] = row["prompt"]
+    missing = sum(p is None for p in prompts)
+    if missing:
+        raise TckrError(f"captions file {path} has no caption for {missing} of {len(labels)} images")
+    return prompts  # type: ignore[return-value]
 
 
 def template_prompts(classes: Sequence[str], template: str) -> list[list[Prompt]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from tckr_engine.errors import TckrError
+from tckr_engine.fsutil import atomic_write, write_json
 
 RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
@@ -99,25 +99,6 @@ def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
             info.uname = info.gname = ""
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a hidden temp file, fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 @dataclass(frozen=True)
