@@ -1,4 +1,4 @@
-"""The attributes captioner and the captions file: deterministic, varied within a class, aligned with labels."""
+"""The attributes captioner and captions files: deterministic, varied within a class, label-aligned."""
 
 import json
 
