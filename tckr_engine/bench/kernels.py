@@ -220,8 +220,10 @@ def _bench_shape(
     scale = shape.head_dim**-0.5
     for dname in dtypes:
         dtype = DTYPES[dname]
+        # Made (B, S, H, D) and viewed (B, H, S, D), the layout diffusers hands to attention (row stride
+        # H*D, a multiple of 16 elements even for D=40, which keeps loads vectorised).
         q, k, v = (
-            torch.randn(b, shape.heads, s, shape.head_dim, generator=gen).to(device, dtype)
+            torch.randn(b, s, shape.heads, shape.head_dim, generator=gen).to(device, dtype).transpose(1, 2)
             for s in (shape.seq_q, shape.seq_k, shape.seq_k)
         )  # (B, H, S, D)
         ref = attention_ref(q, k, v, scale=scale).float()  # fp32 oracle, (B, H, Sq, D)

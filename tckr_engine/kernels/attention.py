@@ -34,7 +34,11 @@ except ImportError:  # CPU-only installs: `attention` falls back to SDPA.
 HAS_TRITON = triton is not None
 KILL_SWITCH_ENV = "TCKR_DISABLE_TRITON"
 MAX_HEAD_DIM = 256
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernel computes correctly
+# What `attention` sends to the kernel. fp32 stays on SDPA: with IEEE (non-tf32) dots the kernel runs on
+# FMA units and ptxas reports register spills for every tile at head dim ≥ 64, so it cannot beat SDPA's
+# fp32 kernels; `triton_attention` still takes fp32 (tests, benchmark).
+PUBLIC_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the fast path on GPUs
 _MAX_GRID_Y = 65535  # CUDA limit on grid dim 1, where (batch, head) goes
 
@@ -75,33 +79,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_fwd(
-        Q,
-        K,
-        V,
-        Out,
-        stride_qb,
-        stride_qh,
-        stride_qs,
-        stride_kb,
-        stride_kh,
-        stride_ks,
-        stride_vb,
-        stride_vh,
-        stride_vs,
-        stride_ob,
-        stride_oh,
-        stride_os,
-        num_heads,
-        seq_q,
-        seq_k,
+        Q, K, V, Out,  # (B, H, S, D) each, unit stride along D
+        stride_qb, stride_qh, stride_qs,
+        stride_kb, stride_kh, stride_ks,
+        stride_vb, stride_vh, stride_vs,
+        stride_ob, stride_oh, stride_os,
+        num_heads, seq_q, seq_k,
         qk_scale,  # softmax scale * log2(e)
-        HEAD_DIM: tl.constexpr,
-        BLOCK_DA: tl.constexpr,
-        BLOCK_DB: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
+        HEAD_DIM: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
         """Out[b, h, m-tile] = softmax(Q Kᵀ · scale) V; the last dim of every tensor is contiguous."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -203,21 +191,27 @@ else:
 
 
 def prune_configs(configs: list, named_args: dict, **kwargs: object) -> list:
-    """Autotuner `early_config_prune`: no tile larger than the (power-of-two) sequence it covers.
+    """Autotuner `early_config_prune`: drop tiles that cannot win for this shape and dtype. Never [].
 
-    Cross-attention has 77 keys, so BLOCK_N ≤ 128; tiny windowed shapes (49 tokens) keep only small
-    tiles. Wide heads (> 128 lanes) drop the 128x128 tile, which spills registers. Never returns [].
+    - No tile larger than the (power-of-two) sequence it covers: 77 text tokens → BLOCK_N ≤ 128, 49-token
+      windows → 64x64 at most.
+    - The fp32 accumulator must fit: BLOCK_M·lanes / threads ≤ 128 registers per thread (ptxas spills
+      beyond, e.g. 128x64 tiles with 4 warps at head dim 160).
+    - fp32 inputs keep only tiles ≤ 64x32: their IEEE dots run on FMA units with fp32 operands in
+      registers, and bigger tiles spill kilobytes and take minutes to compile.
     """
     cap_m = max(16, _next_pow2(int(named_args["seq_q"])))
     cap_n = max(16, _next_pow2(int(named_args["seq_k"])))
     lanes = int(kwargs.get("BLOCK_DA", 0)) + int(kwargs.get("BLOCK_DB", 0))
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= cap_m
-        and c.kwargs["BLOCK_N"] <= cap_n
-        and not (lanes > 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)
-    ]
+    fp32 = named_args["Q"].dtype == torch.float32
+
+    def keep(c: "triton.Config") -> bool:
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if m > cap_m or n > cap_n or m * lanes > 128 * 32 * c.num_warps:
+            return False
+        return not (fp32 and m * n > 64 * 32)
+
+    kept = [c for c in configs if keep(c)]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
@@ -345,6 +339,11 @@ def triton_attention(
 
 @torch.library.custom_op("tckr::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # Device checks live here, inside the op, where torch.compile does not trace: Triton needs sm80+ for
+    # bf16 dots. The fallback writes into the kernel's output layout so the fake stays exact.
+    if q.is_cuda and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
+        out = _attention_op_fake(q, k, v, scale)
+        return out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
     return triton_attention(q, k, v, scale)
 
 
@@ -370,7 +369,7 @@ def can_use_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     if not (q.is_cuda and k.device == q.device and v.device == q.device):
         return False
-    if q.dtype not in SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype:
+    if q.dtype not in PUBLIC_DTYPES or not q.dtype == k.dtype == v.dtype:
         return False
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:  # no broadcasting / GQA
         return False
@@ -390,8 +389,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         scale: softmax scale; `None` means 1/sqrt(D).
 
     Returns:
-        (B, H, Sq, D) in q's dtype. Falls back to SDPA on CPU, other dtypes/shapes, with autograd, without
-        Triton, or with `TCKR_DISABLE_TRITON=1`.
+        (B, H, Sq, D) in q's dtype. Falls back to SDPA on CPU, for fp32 and other dtypes, other shapes,
+        with autograd, without Triton, or with `TCKR_DISABLE_TRITON=1`.
     """
     if can_use_triton(q, k, v):
         return torch.ops.tckr.attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))
@@ -407,6 +406,8 @@ __all__ = [
     "AUTOTUNE_CONFIGS",
     "HAS_TRITON",
     "KILL_SWITCH_ENV",
+    "PUBLIC_DTYPES",
+    "SUPPORTED_DTYPES",
     "attention",
     "attention_flops",
     "can_use_triton",
