@@ -1,5 +1,6 @@
 """Bad input: one clear line on stderr, exit != 0, no traceback, no output that looks complete."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -58,6 +59,7 @@ CASES = {
     "cuda without gpu": (["--device", "cuda"], ["no CUDA GPU"]),
     "template without name": (["--prompt-template", "a photo"], ["{name}"]),
     "missing config file": (["--config", "/no/config.toml"], ["config file not found"]),
+    "xformers not installed": (["--attention", "xformers"], ["needs the xformers package"]),
 }
 
 
@@ -65,6 +67,8 @@ CASES = {
 def test_bad_generate_flag(cli, tmp_path, name):
     if name == "cuda without gpu" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
+    if name == "xformers not installed" and importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed")
     args, needles = CASES[name]
     out = tmp_path / "out"
     flags = FAST + args  # later flags win in click, so the bad value is the one used

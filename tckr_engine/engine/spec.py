@@ -64,13 +64,13 @@ def resolve_device(device: str, dtype: str) -> tuple[str, str]:
 
 
 def resolve_attention(attention: str, device: str) -> str:
-    if attention != "auto":
-        return attention
-    try:
-        from tckr_engine.kernels.processor import default_attention_backend
-    except ImportError:
-        return "sdpa"
-    return default_attention_backend(torch.device(device))
+    """ "auto" -> the device's default; any backend that cannot run here is a TckrError."""
+    from tckr_engine.kernels.processor import check_attention_backend, default_attention_backend
+
+    if attention == "auto":
+        return default_attention_backend(torch.device(device))
+    check_attention_backend(attention)
+    return attention
 
 
 def class_list(dataset: str) -> list[str]:

@@ -121,6 +121,14 @@ def _xformers_processor() -> object:
     return XFormersAttnProcessor()
 
 
+def check_attention_backend(name: str) -> None:
+    """Raise TckrError now (before any output is written) if backend `name` cannot be used here."""
+    if name not in ATTENTION_BACKENDS:
+        raise TckrError(f"unknown attention backend {name!r}: use one of {', '.join(ATTENTION_BACKENDS)}")
+    if name == "xformers":
+        _xformers_processor()
+
+
 def set_attention_backend(unet: torch.nn.Module, name: str) -> None:
     """Give every attention layer of a diffusers model the processor for backend `name`.
 
