@@ -216,35 +216,84 @@ def caption(
 @app.command()
 def finetune(
     out: Annotated[Path, typer.Option("--out", help="Generator folder to write (resumed if it exists).")],
-    preset: Annotated[str, typer.Option(help="Built-in UNet preset to train from scratch.")] = "tiny-fmnist",
+    mode: Annotated[
+        str, typer.Option(help="scratch (built-in UNets) | lora (any diffusers UNet)")
+    ] = "scratch",
+    preset: Annotated[str, typer.Option(help="scratch: the built-in UNet preset.")] = "tiny-fmnist",
+    base: Annotated[Path | None, typer.Option(help="lora: SD checkpoint or generator folder.")] = None,
     dataset: Annotated[str, typer.Option(help="fashion-mnist | digits | FOLDER")] = "fashion-mnist",
     captions: Annotated[Path | None, typer.Option(help="Captions JSONL; class names otherwise.")] = None,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 3600,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-3,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimiser steps (scratch: 3600; lora: from --epochs).")
+    ] = None,
+    epochs: Annotated[float, typer.Option(help="lora: epochs when --steps is not given.")] = 3.0,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="scratch 128, lora 1.")] = None,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="lora: gradient accumulation.")] = 4,
+    lr: Annotated[
+        float | None, typer.Option(help="AdamW lr (scratch 2e-3 cosine; lora 1e-4 constant).")
+    ] = None,
+    rank: Annotated[int, typer.Option(help="lora: rank.")] = 4,
+    alpha: Annotated[float, typer.Option(help="lora: alpha.")] = 4.0,
+    targets: Annotated[
+        str, typer.Option(help="lora: comma-separated target modules.")
+    ] = "to_q,to_k,to_v,to_out.0",
+    flip: Annotated[str, typer.Option(help="lora: random | none (horizontal flips).")] = "random",
+    device: Annotated[str, typer.Option(help="lora: auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="lora: fp32 | bf16 (frozen base weights)")] = "fp32",
     seed: Annotated[int, typer.Option()] = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 250,
-    sample_every: Annotated[int, typer.Option("--sample-every", help="Sample grid PNG cadence.")] = 500,
+    sample_every: Annotated[int, typer.Option("--sample-every", help="scratch: sample grid cadence.")] = 500,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train a text-conditioned generator (from scratch for the built-in small UNets)."""
+    """Train a text-conditioned generator: from scratch (built-in small UNets) or LoRA (peft, TCKR recipe)."""
     _setup_logging(verbose)
-    from tckr_engine.train.generator import ScratchConfig, train_scratch
+    captions_path = str(captions) if captions else None
+    if mode == "scratch":
+        from tckr_engine.train.generator import ScratchConfig, train_scratch
 
-    cfg = ScratchConfig(
-        preset=preset,
-        dataset=dataset,
-        captions=str(captions) if captions else None,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        sample_every=sample_every,
-        threads=threads,
-    )
+        cfg = ScratchConfig(
+            preset=preset,
+            dataset=dataset,
+            captions=captions_path,
+            steps=steps or 3600,
+            batch_size=batch_size or 128,
+            lr=lr or 2e-3,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            sample_every=sample_every,
+            threads=threads,
+        ).validate()
+        total, train = cfg.steps, train_scratch
+    elif mode == "lora":
+        from tckr_engine.data import load_dataset
+        from tckr_engine.train.lora import LoraTrainConfig, train_lora
+
+        if flip not in ("random", "none"):
+            raise TckrError(f"flip must be random or none, got {flip!r}")
+        cfg = LoraTrainConfig(
+            base=str(base) if base else "",
+            dataset=dataset,
+            captions=captions_path,
+            rank=rank,
+            alpha=alpha,
+            targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+            lr=lr or 1e-4,
+            epochs=epochs,
+            steps=steps,
+            batch_size=batch_size or 1,
+            grad_accum=grad_accum,
+            random_flip=flip == "random",
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            device=device,
+            dtype=dtype,
+            threads=threads,
+        ).validate()
+        total, train = cfg.total_steps(len(load_dataset(dataset, "train"))), train_lora
+    else:
+        raise TckrError(f"mode must be scratch or lora, got {mode!r}")
     with Progress(
         TextColumn("[bold]finetune"),
         BarColumn(),
@@ -254,62 +303,13 @@ def finetune(
         TimeRemainingColumn(),
         console=console,
     ) as bar:
-        task = bar.add_task("finetune", total=steps, loss="--")
+        task = bar.add_task("finetune", total=total, loss="--")
 
         def advance(n: int, loss: float) -> None:
             bar.update(task, advance=n, loss=f"{loss:.4f}")
 
-        path = train_scratch(cfg, out, overwrite=overwrite, progress=advance)
+        path = train(cfg, out, overwrite=overwrite, progress=advance)
     console.print(f"[green]done[/green]: generator saved to {path}")
-
-
-@app.command()
-def teacher(
-    out: Annotated[Path, typer.Option("--out", help="Teacher folder to write (weights, metrics.json).")],
-    dataset: Annotated[str, typer.Option(help="fashion-mnist | digits | FOLDER")] = "fashion-mnist",
-    arch: Annotated[str, typer.Option(help="resnet-small | small-cnn | timm:<name>")] = "resnet-small",
-    epochs: Annotated[int, typer.Option(help="Training epochs; the best on validation is kept.")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine decay).")] = 1e-3,
-    seed: Annotated[int, typer.Option()] = 0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous teacher run.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-) -> None:
-    """Train the teacher classifier on real data (best epoch chosen on a validation split of train)."""
-    _setup_logging(verbose)
-    from tckr_engine.train.teacher import TeacherConfig, train_teacher
-
-    cfg = TeacherConfig(
-        arch=arch,
-        dataset=dataset,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        threads=threads,
-        device=device,
-    ).validate()
-    with Progress(
-        TextColumn("[bold]teacher"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("teacher", total=None, loss="--", acc="--")
-
-        def advance(done: int, total: int, loss: float, acc: float) -> None:
-            bar.update(task, completed=done, total=total, loss=f"{loss:.4f}", acc=f"{acc:.3f}")
-
-        metrics = train_teacher(cfg, out, progress=advance, overwrite=overwrite)
-    console.print(
-        f"[green]done[/green]: best epoch {metrics['best_epoch']} "
-        f"(val acc {metrics['best_val_accuracy']:.4f}), test acc {metrics['test_accuracy']:.4f} -> {out}"
-    )
 
 
 @app.command()

@@ -58,3 +58,16 @@ def test_bad_training_inputs(tmp_path):
     (tmp_path / "c" / "x.txt").write_text("x")
     with pytest.raises(TckrError, match="not empty"):
         train_scratch(ScratchConfig(**CFG, steps=1), tmp_path / "c")
+
+
+def test_finetune_cli_lora_and_bad_modes(cli, tiny_sd, tmp_path):
+    out = tmp_path / "lora"
+    args = ["finetune", "--mode", "lora", "--dataset", "digits", "--steps", "2", "--grad-accum", "1"]
+    result = cli(*args, "--out", out, "--base", tiny_sd)
+    assert result.code == 0, result.err
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "tckr_lora.json").is_file()
+    missing_base = cli(*args, "--out", tmp_path / "x")
+    assert missing_base.code == 2 and "needs a base model" in missing_base.err
+    assert not (tmp_path / "x").exists()
+    bad_mode = cli("finetune", "--mode", "dreambooth", "--out", tmp_path / "y")
+    assert bad_mode.code == 2 and "mode must be scratch or lora" in bad_mode.err

@@ -27,6 +27,8 @@ from tckr_engine.models.text import RandomTextEncoder, TextEncoder, build_text_e
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "tckr_generator.json"
+LORA_CONFIG = "tckr_lora.json"  # a LoRA folder written by tckr_engine.train.lora: base path, rank, alpha, ...
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name and format
 INIT_SEED = 0  # presets are initialised under this seed so "preset:X" always names the same weights
 
 # The training noise schedule of the built-in pixel UNets: cosine ("squaredcos_cap_v2"), epsilon prediction.
@@ -298,8 +300,44 @@ def _scheduler_config(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
+def _load_lora_generator(folder: Path) -> Generator:
+    """A LoRA folder (`tckr_lora.json` + diffusers LoRA file): its base with the LoRA fused into the UNet.
+
+    The adapter is fused and unloaded, so the engine (and export, compile) sees a plain UNet; the generator
+    id names the base and the LoRA file's digest.
+    """
+    lora_file = folder / LORA_WEIGHTS
+    try:
+        info = json.loads((folder / LORA_CONFIG).read_text())
+        base = Path(info["base"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TckrError(f"{folder / LORA_CONFIG} is unreadable or has no 'base'; retrain the LoRA") from None
+    if not lora_file.is_file():
+        raise TckrError(f"LoRA folder {folder} has no {LORA_WEIGHTS}; the training did not finish")
+    if (base / LORA_CONFIG).is_file():
+        raise TckrError(f"the base of LoRA {folder} is a LoRA folder too ({base}); stacking is not supported")
+    if not base.is_dir():
+        raise TckrError(f"base model of LoRA {folder} not found: {base}; restore it or edit {LORA_CONFIG}")
+    gen = load_generator(str(base))
+    try:
+        gen.unet.load_lora_adapter(
+            str(folder), weight_name=LORA_WEIGHTS, prefix="unet", local_files_only=True, adapter_name="lora"
+        )
+    except (ImportError, ValueError, RuntimeError, OSError, KeyError) as e:
+        raise TckrError(f"cannot load the LoRA {lora_file} into {base}: {str(e).splitlines()[0]}") from None
+    if "lora" not in (getattr(gen.unet, "peft_config", None) or {}):
+        raise TckrError(f"{lora_file} has no weights for the UNet of {base}; was it trained on another base?")
+    gen.unet.fuse_lora()
+    gen.unet.unload_lora()  # keeps the fused weights, removes the peft layers
+    gen.ident = f"{gen.ident}+lora:{folder.name}@{file_digest([lora_file])}"
+    if info.get("classes"):
+        gen.classes = tuple(info["classes"])
+    return gen
+
+
 def load_generator(spec: str, image_size: int | None = None) -> Generator:
-    """A preset name, a folder saved by `save_generator`, or a local diffusers SD checkpoint."""
+    """A preset name, a folder saved by `save_generator`, a local diffusers SD checkpoint, or a LoRA folder
+    written by `tckr_engine.train.lora` (base + LoRA, fused)."""
     folder = Path(spec).expanduser()
     if not folder.exists():
         if spec in PRESETS:
@@ -311,6 +349,8 @@ def load_generator(spec: str, image_size: int | None = None) -> Generator:
         raise TckrError(f"generator path {folder} is not a folder")
     if image_size is not None:
         raise TckrError("image_size can only be overridden for presets, not for a saved generator")
+    if (folder / LORA_CONFIG).is_file():
+        return _load_lora_generator(folder)
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     weights = sorted((folder / "unet").glob("*.safetensors"))
