@@ -313,6 +313,59 @@ def finetune(
 
 
 @app.command()
+def teacher(
+    out: Annotated[Path, typer.Option("--out", help="Teacher folder to write (weights, metrics.json).")],
+    dataset: Annotated[str, typer.Option(help="fashion-mnist | digits | FOLDER")] = "fashion-mnist",
+    arch: Annotated[str, typer.Option(help="resnet-small | small-cnn | timm:<name>")] = "resnet-small",
+    init_weights: Annotated[
+        Path | None, typer.Option("--init-weights", help="timm:<name> only: local weights file.")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs; the best on validation is kept.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine decay).")] = 1e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous teacher run.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train the teacher classifier on real data (best epoch chosen on a validation split of train)."""
+    _setup_logging(verbose)
+    from tckr_engine.train.teacher import TeacherConfig, train_teacher
+
+    cfg = TeacherConfig(
+        arch=arch,
+        dataset=dataset,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        threads=threads,
+        device=device,
+        init_weights=str(init_weights) if init_weights else None,
+    ).validate()
+    with Progress(
+        TextColumn("[bold]teacher"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("teacher", total=None, loss="--", acc="--")
+
+        def advance(done: int, total: int, loss: float, acc: float) -> None:
+            bar.update(task, completed=done, total=total, loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+
+        metrics = train_teacher(cfg, out, progress=advance, overwrite=overwrite)
+    console.print(
+        f"[green]done[/green]: best epoch {metrics['best_epoch']} "
+        f"(val acc {metrics['best_val_accuracy']:.4f}), test acc {metrics['test_accuracy']:.4f} -> {out}"
+    )
+
+
+@app.command()
 def presets() -> None:
     """List the built-in generator presets."""
     from tckr_engine.models.generator import list_presets

@@ -2,7 +2,12 @@
 
 A classifier folder holds `model.safetensors` and `classifier.json` (architecture, number of classes, input
 size and channels, class names in the dataset's own order, normalisation). `Classifier.forward` takes
-uint8 images (B, H, W, C) as the engine produces them, so a teacher can label generated batches on the device.
+uint8 images (B, H, W, C) as the engine produces them, so a teacher can label generated batches on the device;
+`Classifier.features` gives the penultimate features (Fréchet distance, probes).
+
+Architectures: `small-cnn` (plain 5-conv CNN, 8-64 px), `resnet-small` (CIFAR-style ResNet, 28-64 px) and
+`timm:<name>` (any timm model, for larger images; optional extra `tckr-engine[timm]`, imported lazily,
+random init or a local weights file, never a hub download).
 """
 
 from __future__ import annotations
@@ -41,7 +46,126 @@ def _small_cnn(in_channels: int, num_classes: int, width: int = 32) -> nn.Module
     )
 
 
-ARCHS: dict[str, Callable[..., nn.Module]] = {"small-cnn": _small_cnn}
+class _BasicBlock(nn.Module):
+    """Standard (post-activation) ResNet basic block: two 3x3 convs with BN, identity or 1x1 shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))  # (B, cout, H/s, W/s)
+        out = self.bn2(self.conv2(out))  # (B, cout, H/s, W/s)
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNetSmall(nn.Module):
+    """CIFAR-style ResNet for 8-64 px: 3x3 stem, three stages (w, 2w, 4w) of `blocks` basic blocks.
+
+    Stages 2 and 3 halve the resolution; no stem pooling, so 28 px keeps a 7x7 map in the last stage.
+    Defaults (width 32, 2 blocks per stage) give ~0.69 M parameters (a ResNet-14). The timm-style
+    `forward_features` / `forward_head(pre_logits=True)` split lets `Classifier.features` stay generic.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+        layers: list[nn.Module] = []
+        cin = width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for i in range(blocks):
+                layers.append(_BasicBlock(cin, cout, stride=2 if stage > 0 and i == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():  # zero-init the last BN of each block: every block starts as the identity
+            if isinstance(m, _BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(x))  # (B, 4w, H/4, W/4)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))  # (B, 4w) global average pool
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))  # (B, K)
+
+
+def _resnet_small(in_channels: int, num_classes: int, width: int = 32, blocks: int = 2) -> nn.Module:
+    """CIFAR-style ResNet-14 for 28-64 px images (~0.69 M parameters at the defaults)."""
+    return ResNetSmall(in_channels, num_classes, width=width, blocks=blocks)
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {"small-cnn": _small_cnn, "resnet-small": _resnet_small}
+TIMM_PREFIX = "timm:"  # `timm:<model name>`, e.g. `timm:resnet18`, built by timm.create_model
+ARCH_HELP = f"{', '.join(ARCHS)} or {TIMM_PREFIX}<model name>"
+
+
+def _timm_net(
+    name: str, in_channels: int, num_classes: int, init_weights: str | None, **kwargs: Any
+) -> nn.Module:
+    """A timm model with a fresh `num_classes` head; `init_weights` is a local file (never a hub download)."""
+    try:
+        import timm
+    except ImportError:
+        raise TckrError(
+            f"classifier '{TIMM_PREFIX}{name}' needs timm, which is not installed: "
+            "pip install 'tckr-engine[timm]'"
+        ) from None
+    if not timm.is_model(name):
+        raise TckrError(
+            f"timm has no model named {name!r}; "
+            "list them with python -c 'import timm; print(timm.list_models())'"
+        )
+    extra: dict[str, Any] = {}
+    if init_weights is not None:
+        path = Path(init_weights).expanduser()
+        if not path.is_file():
+            raise TckrError(
+                f"initial weights for {TIMM_PREFIX}{name} not found at {path}; pass a local weights file"
+            )
+        # timm loads the file, drops a head of the wrong size and adapts the stem to `in_chans`.
+        extra = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    try:
+        return timm.create_model(name, num_classes=num_classes, in_chans=in_channels, **extra, **kwargs)
+    except (RuntimeError, TypeError, ValueError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TckrError(f"cannot build {TIMM_PREFIX}{name}: {first}") from None
+
+
+def build_network(
+    arch: str, in_channels: int, num_classes: int, init_weights: str | None = None, **arch_kwargs: Any
+) -> nn.Module:
+    """The bare network (float (B, C, H, W) -> logits (B, K)) of a registered or `timm:` architecture."""
+    if arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX):
+        return _timm_net(arch[len(TIMM_PREFIX) :], in_channels, num_classes, init_weights, **arch_kwargs)
+    if arch not in ARCHS:
+        raise TckrError(f"unknown classifier architecture {arch!r}; choose one of {ARCH_HELP}")
+    if init_weights is not None:
+        raise TckrError(
+            f"init_weights is only supported for {TIMM_PREFIX}<model name> classifiers, not {arch}"
+        )
+    try:
+        return ARCHS[arch](in_channels, num_classes, **arch_kwargs)
+    except TypeError as e:
+        raise TckrError(f"bad options for classifier {arch}: {e}") from None
 
 
 class Classifier(nn.Module):
@@ -56,11 +180,10 @@ class Classifier(nn.Module):
         classes: tuple[str, ...],
         mean: float = 0.5,
         std: float = 0.5,
+        init_weights: str | None = None,
         **arch_kwargs: Any,
     ) -> None:
         super().__init__()
-        if arch not in ARCHS:
-            raise TckrError(f"unknown classifier architecture {arch!r}; choose one of {', '.join(ARCHS)}")
         if len(classes) != num_classes:
             raise TckrError(f"classifier has {num_classes} outputs but {len(classes)} class names")
         self.config = {
@@ -73,7 +196,9 @@ class Classifier(nn.Module):
             "std": std,
             **arch_kwargs,
         }
-        self.net = ARCHS[arch](in_channels, num_classes, **arch_kwargs)
+        if init_weights is not None:  # provenance only: `load_classifier` does not read the file again
+            self.config["init_weights"] = str(init_weights)
+        self.net = build_network(arch, in_channels, num_classes, init_weights, **arch_kwargs)
         self.mean, self.std = mean, std
 
     @property
@@ -87,12 +212,27 @@ class Classifier(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, C) or preprocessed float (B, C, H, W) -> logits (B, K)."""
         if images.dtype == torch.uint8:
             images = self.preprocess(images)
         return self.net(images)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (B, F): the input of the final linear layer (after global pooling)."""
+        x = self.preprocess(images) if images.dtype == torch.uint8 else images  # (B, C, H, W)
+        net = self.net
+        if isinstance(net, nn.Sequential):  # small-cnn: every layer but the final Linear
+            return net[:-1](x)  # (B, F)
+        return net.forward_head(net.forward_features(x), pre_logits=True)  # (B, F): ResNetSmall and timm
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
 
 def save_classifier(model: Classifier, path: str | Path) -> Path:
+    """Write `model.safetensors` and `classifier.json` into the folder `path` (created)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -117,7 +257,10 @@ def load_classifier(path: str | Path) -> Classifier:
     try:
         cfg = json.loads(cfg_file.read_text())
         cfg["classes"] = tuple(cfg["classes"])
+        init_weights = cfg.pop("init_weights", None)  # the weights file below replaces them
         model = Classifier(**cfg)
+        if init_weights is not None:
+            model.config["init_weights"] = init_weights
         model.load_state_dict(load_file(str(weights)))
     except (json.JSONDecodeError, KeyError, TypeError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

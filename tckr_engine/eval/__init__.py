@@ -1,0 +1,1 @@
+"""Evaluation: generator quality with a teacher (agreement, Fréchet distance on teacher features)."""
