@@ -65,6 +65,19 @@ class _RichProgress:
         self.progress.advance(self.task, n)
 
 
+def _bar(label: str, *extra: Any) -> Progress:
+    """The progress bar every long command shows: label, bar, count, extra columns, elapsed, remaining."""
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
 def _images_per_second() -> Any:
     from rich.progress import ProgressColumn
     from rich.text import Text
@@ -141,15 +154,7 @@ def generate(
     ).validate()
     if writers < 1:
         raise TckrError(f"writers must be a positive integer, got {writers}")
-    with Progress(
-        TextColumn("[bold]generate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _images_per_second(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
+    with _bar("generate", _images_per_second()) as bar:
         summary = run_generate(
             cfg, shards, overwrite=overwrite, writers=writers, progress=_RichProgress(bar, "generate")
         )
@@ -196,9 +201,7 @@ def caption(
     from tckr_engine.data.captioners import caption_dataset, write_captions
 
     data = load_dataset(dataset, "train")
-    with Progress(
-        TextColumn("[bold]caption"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as bar:
+    with _bar("caption") as bar:
         task = bar.add_task("caption", total=len(data))
         captions = caption_dataset(
             data,
@@ -294,15 +297,7 @@ def finetune(
         total, train = cfg.total_steps(len(load_dataset(dataset, "train"))), train_lora
     else:
         raise TckrError(f"mode must be scratch or lora, got {mode!r}")
-    with Progress(
-        TextColumn("[bold]finetune"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
+    with _bar("finetune", TextColumn("loss {task.fields[loss]}")) as bar:
         task = bar.add_task("finetune", total=total, loss="--")
 
         def advance(n: int, loss: float) -> None:
@@ -344,15 +339,7 @@ def teacher(
         device=device,
         init_weights=str(init_weights) if init_weights else None,
     ).validate()
-    with Progress(
-        TextColumn("[bold]teacher"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
+    with _bar("teacher", TextColumn("loss {task.fields[loss]} acc {task.fields[acc]}")) as bar:
         task = bar.add_task("teacher", total=None, loss="--", acc="--")
 
         def advance(done: int, total: int, loss: float, acc: float) -> None:
