@@ -353,6 +353,25 @@ def teacher(
 
 
 @app.command()
+def quality(
+    shards: Annotated[Path, typer.Argument(help="Shard folder written by 'generate'.")],
+    teacher: Annotated[Path, typer.Option(help="Classifier folder trained on the real dataset.")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Teacher agreement and teacher-feature Fréchet distance of a synthetic set (writes quality.json)."""
+    _setup_logging(verbose)
+    from tckr_engine.eval.quality import synthetic_quality
+
+    result = synthetic_quality(shards, teacher)
+    console.print(
+        f"[green]done[/green]: {result['images']} images, "
+        f"teacher agreement {result['teacher_agreement']:.4f}, "
+        f"Fréchet distance {result['frechet_distance']:.3f} (teacher on real test: "
+        f"{result['real_test_agreement']:.4f}) -> {shards / 'quality.json'}"
+    )
+
+
+@app.command()
 def presets() -> None:
     """List the built-in generator presets."""
     from tckr_engine.models.generator import list_presets

@@ -122,3 +122,21 @@ def test_read_shard_images_errors_are_one_line(tmp_path):
     (tmp_path / "index.json").write_text("{broken")
     with pytest.raises(TckrError, match="not a valid shard index"):
         read_shard_images(tmp_path)
+
+
+def test_quality_command_writes_agreement_and_distance(cli, teacher, tiny_run, tmp_path):
+    from tckr_engine.models.classifier import save_classifier
+
+    save_classifier(teacher, tmp_path / "teacher")
+    result = cli("quality", tiny_run, "--teacher", tmp_path / "teacher")
+    assert result.code == 0, result.err
+    report = json.loads((tiny_run / "quality.json").read_text())
+    (tiny_run / "quality.json").unlink()  # the session fixture stays as generate left it
+    images, labels = read_shard_images(tiny_run)
+    assert report["images"] == 100 and report["generator"] == "preset:tiny-digits"
+    assert report["teacher_agreement"] == pytest.approx(teacher_agreement(teacher, images, labels))
+    assert report["frechet_distance"] > 0 and 0 <= report["real_test_agreement"] <= 1
+    other = Classifier("small-cnn", 3, 1, 8, ("a", "b", "c"), width=4)
+    save_classifier(other, tmp_path / "other")
+    bad = cli("quality", tiny_run, "--teacher", tmp_path / "other")
+    assert bad.code == 2 and "classes differ" in bad.err

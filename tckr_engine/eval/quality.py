@@ -165,3 +165,42 @@ def read_shard_images(shard_folder: str | Path) -> tuple[np.ndarray, np.ndarray]
         )
     log.info("read %d images from %d shard(s) in %s", len(images), len(urls), folder)
     return np.stack(images), np.asarray(labels, dtype=np.int64)  # (N, H, W, C), (N,)
+
+
+def synthetic_quality(shard_folder: str | Path, teacher_path: str | Path, batch_size: int = 256) -> dict:
+    """Teacher agreement and teacher-feature Fréchet distance of a shard folder; writes `quality.json` there.
+
+    The real reference for the Fréchet distance is the dataset's test split (held-out real images), named in
+    the folder's run.json; the teacher must have been trained on the same dataset (checked by class names).
+    """
+    from tckr_engine.data import load_dataset
+    from tckr_engine.fsutil import write_json
+    from tckr_engine.models.classifier import load_classifier
+
+    folder = Path(shard_folder)
+    try:
+        spec = json.loads((folder / "run.json").read_text())["spec"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise TckrError(
+            f"{folder} has no readable run.json; pass a folder written by 'tckr-engine generate'"
+        ) from None
+    teacher = load_classifier(teacher_path)
+    if list(teacher.classes) != list(spec["classes"]):
+        raise TckrError(f"teacher {teacher_path} classes differ from the shards' classes {spec['classes']}")
+    fake, labels = read_shard_images(folder)
+    real = load_dataset(spec["dataset"], "test")
+    result = {
+        "shards": str(folder),
+        "teacher": str(teacher_path),
+        "generator": spec["generator"]["id"],
+        "images": len(fake),
+        "steps": spec["steps"],
+        "guidance": spec["guidance"],
+        "sampler": spec["sampler"],
+        "teacher_agreement": teacher_agreement(teacher, fake, labels, batch_size),
+        "frechet_distance": frechet_distance(teacher, real.images, fake, batch_size),
+        "frechet_reference": f"{spec['dataset']} test split ({len(real)} images)",
+        "real_test_agreement": teacher_agreement(teacher, real.images, real.labels, batch_size),
+    }
+    write_json(folder / "quality.json", result)
+    return result
