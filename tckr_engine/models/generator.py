@@ -227,8 +227,25 @@ class Generator:
         }
 
 
+# Trained generators shipped inside the package (diffusers format, safetensors), by name.
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "generators"
+
+
+def embedded_generators() -> dict[str, Path]:
+    """Name -> folder of every trained generator shipped with the package."""
+    if not EMBEDDED_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(EMBEDDED_DIR.iterdir()) if (p / CONFIG_NAME).is_file()}
+
+
 def list_presets() -> dict[str, str]:
-    return {name: p.description for name, p in PRESETS.items()}
+    """Every name `load_generator` accepts besides folders: embedded trained generators, then presets."""
+    names = {}
+    for name, folder in embedded_generators().items():
+        about = json.loads((folder / CONFIG_NAME).read_text()).get("description", "")
+        names[name] = f"trained, embedded: {about}"
+    names.update({name: p.description for name, p in PRESETS.items()})
+    return names
 
 
 def build_preset(name: str, image_size: int | None = None) -> Generator:
@@ -339,6 +356,8 @@ def load_generator(spec: str, image_size: int | None = None) -> Generator:
     """A preset name, a folder saved by `save_generator`, a local diffusers SD checkpoint, or a LoRA folder
     written by `tckr_engine.train.lora` (base + LoRA, fused)."""
     folder = Path(spec).expanduser()
+    if not folder.exists() and spec in embedded_generators():
+        folder = embedded_generators()[spec]
     if not folder.exists():
         if spec in PRESETS:
             return build_preset(spec, image_size)
