@@ -112,7 +112,7 @@ def test_lossy_formats(tmp_path, fmt):
     assert verify(out) == []
 
 
-def test_captions_drive_prompts(tmp_path):
+def write_captions_file(tmp_path, per_class=2):
     classes = class_names("digits")
     lines = [
         {
@@ -122,10 +122,16 @@ def test_captions_drive_prompts(tmp_path):
             "caption": f"cap{i}",
             "prompt": f"{classes[c]}: cap{i}",
         }
-        for i, c in enumerate([*range(10), *range(10)])
+        for i, c in enumerate([c for _ in range(per_class) for c in range(10)])
     ]
     captions = tmp_path / "captions.jsonl"
     captions.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return captions
+
+
+def test_captions_drive_prompts(tmp_path):
+    classes = class_names("digits")
+    captions = write_captions_file(tmp_path)
     out = tmp_path / "cap"
     generate(tiny_config(num_images=40, captions=str(captions)), out)
     samples = read_back(out)
@@ -151,3 +157,16 @@ def test_teacher_logits_are_stored_as_float16(tmp_path):
     assert stored.dtype == np.float16 and stored.shape == (32, 10)
     np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
     assert verify(out) == []
+
+
+def test_resuming_one_shard_with_many_prompts_is_byte_identical(tmp_path):
+    """Prompt embeddings must not depend on which shards ran earlier in the same process."""
+    cfg = tiny_config(captions=str(write_captions_file(tmp_path, per_class=9)), steps=2)
+    whole = tmp_path / "whole"
+    generate(cfg, whole)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    for name in ("000002.tar", "000002_stats.json"):
+        (resumed / "shards" / name).unlink()
+    assert generate(cfg, resumed).shards_generated == 1
+    assert tar_bytes(resumed) == tar_bytes(whole)

@@ -22,6 +22,7 @@ from tckr_engine.engine.writer import ShardWriterPool
 log = logging.getLogger(__name__)
 
 UNCOND_PROMPT = ""  # the unconditional context for classifier-free guidance, as in diffusers pipelines
+EMBED_CHUNK = 64  # prompts encoded together; membership is fixed by the spec (see Engine.embed)
 
 
 class Engine:
@@ -41,6 +42,10 @@ class Engine:
         self._set_attention(spec["attention"])
         self.denoiser = unet_fn(self.generator.unet)
         self._embeddings: dict[str, torch.Tensor] = {}
+        # The run's unique prompts in a canonical order (class by class, file order), cut into fixed chunks.
+        unique = list(dict.fromkeys(p.text for plist in resources.prompts for p in plist))
+        self._chunks = [unique[i : i + EMBED_CHUNK] for i in range(0, len(unique), EMBED_CHUNK)]
+        self._chunk_of = {p: i // EMBED_CHUNK for i, p in enumerate(unique)}
         self._uncond = self.embed([UNCOND_PROMPT]) if spec["guidance"] > 1.0 else None  # (1, L, D)
 
     def _set_attention(self, name: str) -> None:
@@ -51,11 +56,17 @@ class Engine:
         set_attention_backend(self.generator.unet, name)
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) context for the prompts; each unique prompt is encoded once per engine."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._embeddings))
-        if missing:
-            for p, e in zip(missing, self.generator.text_encoder(missing), strict=True):
-                self._embeddings[p] = e
+        """(B, L, D) context for the prompts; each unique prompt is encoded once per engine.
+
+        A prompt is always encoded together with the same fixed chunk of the run's prompts (never with
+        whatever else the current batch holds): the encoder's numerics can depend on the batch it runs in,
+        and a shard's bytes must not depend on which shards ran before it in this process.
+        """
+        for p in prompts:
+            if p not in self._embeddings:
+                chunk = self._chunks[self._chunk_of[p]] if p in self._chunk_of else [p]
+                for text, e in zip(chunk, self.generator.text_encoder(chunk), strict=True):
+                    self._embeddings[text] = e
         return torch.stack([self._embeddings[p] for p in prompts])
 
     @torch.inference_mode()
