@@ -22,7 +22,7 @@ echo "== GPU tests"
 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 
 echo "== attention kernel benchmark"
-timeout 180 python3 -m tckr_engine.bench.kernels --out "$OUT" --device cuda 2>&1 | tee "$OUT/kernel-bench.log" | tail -25
+timeout 180 python3 -m tckr_engine.bench.kernels --out-dir "$OUT" --device cuda 2>&1 | tee "$OUT/kernel-bench.log" | tail -25
 
 echo "== sd15-arch generation throughput (512 px, 20 steps, CFG 2, fp16)"
 for attn in sdpa triton; do

@@ -326,5 +326,5 @@ if __name__ == "__main__":
             if r["ms"]
             else r["status"]
         )
-        print(f"{r['shape']:18s} {r['dtype']:5s} {r['backend']:15s} {speed}")
-    print(f"wrote {args.out_dir}/kernels.csv, kernels.json")
+        log.info("%-18s %-5s %-15s %s", r["shape"], r["dtype"], r["backend"], speed)
+    log.info("wrote %s/kernels.csv, kernels.json", args.out_dir)
