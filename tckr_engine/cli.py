@@ -108,6 +108,7 @@ def generate(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
     attention: Annotated[str | None, typer.Option(help="auto | sdpa | triton | xformers")] = None,
+    backend: Annotated[str | None, typer.Option(help="torch | compile | onnxruntime | tensorrt")] = None,
     captions: Annotated[Path | None, typer.Option(help="Captions JSONL from 'tckr-engine caption'.")] = None,
     prompt_template: Annotated[
         str | None, typer.Option("--prompt-template", help="Without captions.")
@@ -145,6 +146,7 @@ def generate(
             "device": device,
             "dtype": dtype,
             "attention": attention,
+            "backend": backend,
             "captions": str(captions) if captions else None,
             "prompt_template": prompt_template,
             "teacher": str(teacher) if teacher else None,
@@ -369,6 +371,47 @@ def quality(
         f"Fréchet distance {result['frechet_distance']:.3f} (teacher on real test: "
         f"{result['real_test_agreement']:.4f}) -> {shards / 'quality.json'}"
     )
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Generator preset/folder (its UNet) or classifier folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Export folder: model.onnx + export.json.")],
+    kind: Annotated[str, typer.Option(help="auto | unet | classifier")] = "auto",
+    opset: Annotated[int, typer.Option(help="ONNX opset (17-20).")] = 17,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Convert the graph to fp16 (for GPUs).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Profile opt batch (rows per call).")] = 16,
+    max_batch_size: Annotated[
+        int | None, typer.Option("--max-batch-size", help="Profile max batch (default: --batch-size).")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Override a preset's size.")] = None,
+    tensorrt: Annotated[
+        bool, typer.Option("--tensorrt", help="Also build a TensorRT engine (model.plan; CUDA GPU).")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Export a generator UNet or a classifier to ONNX (dynamic batch, checked against PyTorch)."""
+    _setup_logging(verbose)
+    from tckr_engine.export.api import ExportConfig, export_model
+
+    cfg = ExportConfig(
+        model=model,
+        out=str(out),
+        kind=kind,
+        opset=opset,
+        fp16=fp16,
+        batch_size=batch_size,
+        max_batch_size=max_batch_size,
+        image_size=image_size,
+        tensorrt=tensorrt,
+        overwrite=overwrite,
+    ).validate()
+    info = export_model(cfg)
+    check = info.get("check") or {}
+    diff = f", max |onnx - torch| {check['max_abs_diff']:.2e}" if "max_abs_diff" in check else ""
+    what = f"{info['kind']} ({info['precision']}, opset {info['opset']})"
+    console.print(f"[green]done[/green]: {what} -> {out}{diff}")
 
 
 @app.command()

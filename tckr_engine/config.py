@@ -22,7 +22,7 @@ IMAGE_FORMATS = ("png", "jpg", "webp")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("auto", "sdpa", "triton", "xformers")
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")  # denoiser backends: engine/backends.py
 MAX_SHARD_SIZE = 99_999  # the sample key is "{shard:06d}{index:05d}"
 MAX_SHARDS = 999_999
 

@@ -60,6 +60,8 @@ CASES = {
     "template without name": (["--prompt-template", "a photo"], ["{name}"]),
     "missing config file": (["--config", "/no/config.toml"], ["config file not found"]),
     "xformers not installed": (["--attention", "xformers"], ["needs the xformers package"]),
+    "unknown backend": (["--backend", "bogus"], ["backend must be one of torch, compile, onnxruntime"]),
+    "tensorrt on cpu": (["--device", "cpu", "--backend", "tensorrt"], ["backend tensorrt needs a CUDA GPU"]),
 }
 
 

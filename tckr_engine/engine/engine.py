@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tckr_engine.engine.sampler import denoise, initial_noise, make_scheduler, unet_fn
+from tckr_engine.engine.backends import make_denoiser
+from tckr_engine.engine.sampler import denoise, initial_noise, make_scheduler
 from tckr_engine.engine.scheduler import Batch, BatchScheduler
 from tckr_engine.engine.spec import DTYPES, Resources
 from tckr_engine.engine.writer import ShardWriterPool
@@ -40,7 +41,7 @@ class Engine:
             spec["num_images"], spec["shard_size"], spec["batch_size"], resources.prompts, spec["seed"]
         )
         self._set_attention(spec["attention"])
-        self.denoiser = unet_fn(self.generator.unet)
+        self.denoiser = make_denoiser(spec, self.generator)  # torch | compile | onnxruntime | tensorrt
         self._embeddings: dict[str, torch.Tensor] = {}
         # The run's unique prompts in a canonical order (class by class, file order), cut into fixed chunks.
         unique = list(dict.fromkeys(p.text for plist in resources.prompts for p in plist))

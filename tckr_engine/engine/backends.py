@@ -1,0 +1,200 @@
+"""Denoiser backends: one interface (`Denoiser`, a `DenoiseFn`), chosen by `generate --backend`.
+
+- `torch`: the eager diffusers UNet forward.
+- `compile`: `torch.compile` of the per-step UNet call, static shapes (the BatchScheduler pads the last
+  batch, so every call has the same shape). On a GPU mode "reduce-overhead" (CUDA graphs); each call marks
+  a new cudagraph step and clones the output, whose static buffer the next replay overwrites.
+  `$TCKR_COMPILE_BACKEND` picks the dynamo backend (default inductor; tests use aot_eager to stay cheap).
+- `onnxruntime`: the UNet exported to ONNX (cache keyed by generator id, precision, opset and versions),
+  run by an InferenceSession: CPU provider on the CPU; CUDA provider on a GPU, or ONNX Runtime's TensorRT
+  provider with `$TCKR_ORT_PROVIDER=tensorrt` (engine and timing caches, min/opt/max profile); IOBinding
+  on the GPU so tensors stay on the device.
+- `tensorrt`: a strongly typed TensorRT engine built from the fp16 (or fp32) ONNX export with a profile
+  fixed at the run's batch, cached per TensorRT version, GPU and profile; `execute_async_v3` on the
+  current CUDA stream.
+Backends that cannot run here fail at `check_backend` (called when the run spec is resolved) with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, ClassVar
+
+import torch
+
+from tckr_engine.config import BACKENDS
+from tckr_engine.engine.sampler import unet_fn
+from tckr_engine.errors import TckrError
+from tckr_engine.models.generator import Generator
+
+log = logging.getLogger(__name__)
+
+COMPILE_BACKEND_ENV = "TCKR_COMPILE_BACKEND"
+ORT_PROVIDER_ENV = "TCKR_ORT_PROVIDER"
+
+
+class Denoiser:
+    """Interface: `(x (B, C, h, w), t (scalar tensor), context (B, L, D)) -> model output (B, C, h, w)`."""
+
+    name: ClassVar[str]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchDenoiser(Denoiser):
+    """The eager PyTorch UNet."""
+
+    name = "torch"
+
+    def __init__(self, spec: dict[str, Any], generator: Generator) -> None:
+        self.fn = unet_fn(generator.unet)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, t, context)
+
+
+class CompiledDenoiser(Denoiser):
+    """`torch.compile` of the per-step UNet call; CUDA graphs on a GPU."""
+
+    name = "compile"
+
+    def __init__(self, spec: dict[str, Any], generator: Generator) -> None:
+        self.cudagraphs = torch.device(spec["device"]).type == "cuda"
+        backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+        mode = "reduce-overhead" if self.cudagraphs and backend == "inductor" else None
+        log.info("torch.compile(backend=%s, mode=%s, dynamic=False) of the UNet call", backend, mode)
+        # dynamic=False: one static graph for the padded batch shape (and CUDA graphs need static shapes).
+        self.fn = torch.compile(unet_fn(generator.unet), backend=backend, mode=mode, dynamic=False)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.fn(x, t, context).clone()  # the graph's output buffer is reused by the next replay
+        return self.fn(x, t, context)
+
+
+def forward_batch(spec: dict[str, Any]) -> int:
+    """Rows per UNet call: the batch, doubled by classifier-free guidance (one forward for both)."""
+    return spec["batch_size"] * (2 if spec["guidance"] > 1.0 else 1)
+
+
+def unet_profile(spec: dict[str, Any], generator: Generator) -> dict[str, Any]:
+    """min = opt = max profile at the run's static UNet shapes (the scheduler pads every batch)."""
+    from tckr_engine.export.contract import Profile
+
+    b = forward_batch(spec)
+    c, h, w = generator.latent_shape
+    enc = generator.text_encoder
+
+    def fixed(*shape: int) -> Profile:
+        return Profile(shape, shape, shape)
+
+    return {
+        "sample": fixed(b, c, h, w),
+        "timestep": fixed(1),
+        "encoder_hidden_states": fixed(b, int(enc.length), int(generator.unet.config.cross_attention_dim)),
+    }
+
+
+def ort_provider(device: torch.device) -> str:
+    """cpu on the CPU; on a GPU cuda, or tensorrt when `$TCKR_ORT_PROVIDER=tensorrt`."""
+    if device.type == "cpu":
+        return "cpu"
+    choice = os.environ.get(ORT_PROVIDER_ENV, "cuda")
+    if choice not in ("cuda", "tensorrt"):
+        raise TckrError(f"{ORT_PROVIDER_ENV} must be cuda or tensorrt on a GPU, got {choice!r}")
+    return choice
+
+
+class _OnnxUNet(Denoiser):
+    """Shared by the ONNX-based backends: feeds (sample, timestep (1,) fp32, context), returns noise_pred."""
+
+    def __init__(self, spec: dict[str, Any], generator: Generator) -> None:
+        self.device = torch.device(spec["device"])
+        self.out_channels = int(generator.unet.config.out_channels)
+
+    def feeds(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = t.reshape(1).to(self.device, torch.float32)  # (1,): the UNet broadcasts it over the batch
+        return {"sample": x, "timestep": t, "encoder_hidden_states": context}
+
+
+class OnnxRuntimeDenoiser(_OnnxUNet):
+    """The cached ONNX export run by ONNX Runtime (CPU, CUDA or TensorRT execution provider)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, spec: dict[str, Any], generator: Generator) -> None:
+        from tckr_engine.export.cache import cache_root, cached_unet_export
+        from tckr_engine.export.onnx_export import MODEL_FILE
+        from tckr_engine.export.ort import OrtRunner
+
+        super().__init__(spec, generator)
+        folder = cached_unet_export(generator, spec["dtype"], forward_batch(spec))
+        provider = ort_provider(self.device)
+        self.runner = OrtRunner(
+            folder / MODEL_FILE,
+            self.device,
+            provider,
+            threads=spec["threads"] if provider == "cpu" else None,
+            profile=unet_profile(spec, generator) if provider == "tensorrt" else None,
+            cache_dir=cache_root() / "ort-tensorrt" if provider == "tensorrt" else None,
+        )
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        out = self.runner.run(self.feeds(x, t, context), {"noise_pred": (b, self.out_channels, h, w)})
+        return out["noise_pred"].to(x.dtype)  # (B, C, h, w)
+
+
+class TensorRTDenoiser(_OnnxUNet):
+    """A strongly typed TensorRT engine built from the cached ONNX export."""
+
+    name = "tensorrt"
+
+    def __init__(self, spec: dict[str, Any], generator: Generator) -> None:
+        from tckr_engine.export.cache import cache_root, cached_unet_export
+        from tckr_engine.export.tensorrt import TrtRunner, cached_engine
+
+        super().__init__(spec, generator)
+        folder = cached_unet_export(generator, spec["dtype"], forward_batch(spec))
+        engine = cached_engine(folder, unet_profile(spec, generator), cache_root() / "tensorrt", self.device)
+        self.runner = TrtRunner(engine, self.device)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.runner.run(self.feeds(x, t, context))["noise_pred"].to(x.dtype)  # (B, C, h, w)
+
+
+_CLASSES: dict[str, type[Denoiser]] = {
+    c.name: c for c in (TorchDenoiser, CompiledDenoiser, OnnxRuntimeDenoiser, TensorRTDenoiser)
+}
+
+
+def check_backend(backend: str, device: str, dtype: str) -> None:
+    """One-line TckrError when `backend` cannot run on (device, dtype) here; imports nothing heavy."""
+    if backend not in _CLASSES:
+        raise TckrError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend in ("onnxruntime", "tensorrt"):
+        if dtype not in ("fp32", "fp16"):
+            raise TckrError(f"backend {backend} runs fp32 or fp16 ONNX graphs; use --dtype fp32 or fp16")
+        from tckr_engine.export.onnx_export import import_onnx
+
+        import_onnx()
+    if backend == "onnxruntime":
+        from tckr_engine.export.ort import check_provider
+
+        check_provider(ort_provider(torch.device(device)))
+    if backend == "tensorrt":
+        if device != "cuda":
+            raise TckrError("backend tensorrt needs a CUDA GPU (--device cuda); use onnxruntime on the CPU")
+        from tckr_engine.export.tensorrt import import_tensorrt
+
+        import_tensorrt()
+
+
+def make_denoiser(spec: dict[str, Any], generator: Generator) -> Denoiser:
+    """The denoiser for the spec's backend, on the generator already moved to the spec's device/dtype."""
+    backend = spec.get("backend", "torch")
+    check_backend(backend, spec["device"], spec["dtype"])
+    return _CLASSES[backend](spec, generator)
