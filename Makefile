@@ -31,8 +31,12 @@ data:
 	  echo "warning: could not install dataset-fashion-mnist; tests that need it are skipped"; \
 	else echo "warning: no apt-get; set TCKR_FASHION_MNIST_DIR to a folder of Fashion-MNIST IDX files"; fi
 
+# Until the full pipeline lands: caption the real train split, then generate 512 images with the embedded
+# trained generator (20 DPM-Solver++ steps, guidance 2) into a verified shard folder.
 demo: setup data
-	$(VENV)/bin/tckr-engine generate --shards $(DEMO_OUT) --num-images 512 --shard-size 256 --batch-size 64 --steps 20
+	$(VENV)/bin/tckr-engine caption --dataset fashion-mnist --out runs/captions.jsonl
+	$(VENV)/bin/tckr-engine generate --shards $(DEMO_OUT) --captions runs/captions.jsonl \
+	  --num-images 512 --shard-size 256 --batch-size 64 --steps 20
 	$(VENV)/bin/tckr-engine verify $(DEMO_OUT)
 	@echo "demo output: $(DEMO_OUT) (run.json, index.json, shards/*.tar)"
 

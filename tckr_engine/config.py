@@ -35,7 +35,8 @@ class GenerateConfig:
     same device and backend.
     """
 
-    model: str = "tiny-fmnist"  # a preset name (see `tckr-engine presets`) or a generator folder
+    # the embedded trained Fashion-MNIST generator; any preset name (`tckr-engine presets`) or generator folder
+    model: str = "fmnist"
     dataset: str = "fashion-mnist"  # where class names (and their indices) come from
     num_images: int = 1000
     shard_size: int = 1024  # a multiple of batch_size avoids padded batches

@@ -8,7 +8,7 @@ from tckr_engine.errors import TckrError
 
 def test_defaults_validate():
     cfg = GenerateConfig().validate()
-    assert cfg.model == "tiny-fmnist" and cfg.guidance == 2.0 and cfg.sampler == "dpm++"
+    assert cfg.model == "fmnist" and cfg.guidance == 2.0 and cfg.sampler == "dpm++"
 
 
 @pytest.mark.parametrize(
