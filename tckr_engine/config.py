@@ -35,7 +35,7 @@ class GenerateConfig:
     same device and backend.
     """
 
-    # the embedded trained Fashion-MNIST generator; any preset name (`tckr-engine presets`) or generator folder
+    # the embedded trained Fashion-MNIST generator, a preset name (`tckr-engine presets`) or a folder
     model: str = "fmnist"
     dataset: str = "fashion-mnist"  # where class names (and their indices) come from
     num_images: int = 1000
@@ -60,10 +60,10 @@ class GenerateConfig:
 
     def validate(self) -> GenerateConfig:
         """Check every field; raise TckrError naming the first bad one. Returns self."""
-        _positive("num_images", self.num_images)
-        _positive("shard_size", self.shard_size, hi=MAX_SHARD_SIZE)
-        _positive("batch_size", self.batch_size, hi=65_536)
-        _positive("steps", self.steps, hi=1000)
+        check_positive("num_images", self.num_images)
+        check_positive("shard_size", self.shard_size, hi=MAX_SHARD_SIZE)
+        check_positive("batch_size", self.batch_size, hi=65_536)
+        check_positive("steps", self.steps, hi=1000)
         if -(-self.num_images // self.shard_size) > MAX_SHARDS:
             raise TckrError(
                 f"num_images={self.num_images} with shard_size={self.shard_size} needs more than "
@@ -79,11 +79,11 @@ class GenerateConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("attention", self.attention, ATTENTION)
         _choice("backend", self.backend, BACKENDS)
-        _positive("quality", self.quality, hi=100)
+        check_positive("quality", self.quality, hi=100)
         if self.threads is not None:
-            _positive("threads", self.threads, hi=1024)
+            check_positive("threads", self.threads, hi=1024)
         if self.image_size is not None:
-            _positive("image_size", self.image_size, hi=4096)
+            check_positive("image_size", self.image_size, hi=4096)
         if "{name}" not in self.prompt_template:
             raise TckrError(
                 f"prompt_template must contain '{{name}}' (the class name), got {self.prompt_template!r}"
@@ -102,7 +102,8 @@ class GenerateConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _positive(name: str, value: Any, hi: int | None = None) -> None:
+def check_positive(name: str, value: Any, hi: int | None = None) -> None:
+    """Raise a one-line TckrError unless `value` is an int in [1, hi] (bools are not ints here)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise TckrError(f"{name} must be a positive integer, got {value!r}")
     if hi is not None and value > hi:

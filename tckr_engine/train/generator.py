@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tckr_engine.config import check_positive
 from tckr_engine.data.captions import read_captions_per_image
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import atomic_write, write_json
@@ -54,9 +55,7 @@ class ScratchConfig:
 
     def validate(self) -> ScratchConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "sample_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise TckrError(f"{name} must be a positive integer, got {value!r}")
+            check_positive(name, getattr(self, name))
         if not 0 < self.lr < 1:
             raise TckrError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.prompt_dropout < 1:

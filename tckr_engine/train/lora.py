@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tckr_engine.config import check_positive
 from tckr_engine.data.captions import read_captions_per_image
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import atomic_write, write_json
@@ -70,13 +71,9 @@ class LoraTrainConfig:
 
     def validate(self) -> LoraTrainConfig:
         for name in ("rank", "batch_size", "grad_accum", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise TckrError(f"{name} must be a positive integer, got {value!r}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)):
-            raise TckrError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.steps is not None and self.steps <= 0:
-            raise TckrError(f"steps must be a positive integer, got {self.steps!r}")
+            check_positive(name, getattr(self, name))
+        if self.steps is not None:
+            check_positive("steps", self.steps)
         if not self.base:
             raise TckrError(
                 "a LoRA needs a base model: pass --base FOLDER (an SD checkpoint or generator folder)"

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tckr_engine.config import check_positive
 from tckr_engine.data import ImageDataset, load_dataset, train_val_split
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import write_json
@@ -71,9 +72,7 @@ class TeacherConfig:
     def validate(self) -> TeacherConfig:
         """Check every field; raise a one-line TckrError naming the first bad one. Returns self."""
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise TckrError(f"{name} must be a positive integer, got {value!r}")
+            check_positive(name, getattr(self, name))
         for name in ("threads", "width"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
