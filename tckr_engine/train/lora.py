@@ -246,7 +246,7 @@ def train_lora(
     try:
         from peft import LoraConfig
     except ImportError:
-        raise TckrError("LoRA training needs peft: pip install 'tckr-engine[peft]'") from None
+        raise TckrError("LoRA training needs peft: pip install peft") from None
 
     from tckr_engine.data import load_dataset
 
