@@ -132,7 +132,7 @@ def _timm_net(
     if not timm.is_model(name):
         raise TckrError(
             f"timm has no model named {name!r}; "
-            "list them with python -c 'import timm; print(timm.list_models())'"
+            "timm.list_models() names the available ones"
         )
     extra: dict[str, Any] = {}
     if init_weights is not None:
