@@ -130,10 +130,7 @@ def _timm_net(
             "pip install 'tckr-engine[timm]'"
         ) from None
     if not timm.is_model(name):
-        raise TckrError(
-            f"timm has no model named {name!r}; "
-            "timm.list_models() names the available ones"
-        )
+        raise TckrError(f"timm has no model named {name!r}; timm.list_models() names the available ones")
     extra: dict[str, Any] = {}
     if init_weights is not None:
         path = Path(init_weights).expanduser()
