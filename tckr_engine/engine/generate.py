@@ -59,6 +59,11 @@ class Progress:
     def advance(self, n: int) -> None: ...
 
 
+def shard_count(spec: dict[str, Any], shard: int) -> int:
+    """Samples in `shard` of a run spec (every shard is full but the last)."""
+    return min(spec["shard_size"], spec["num_images"] - shard * spec["shard_size"])
+
+
 def read_run(out: Path) -> dict[str, Any] | None:
     path = out / RUN_FILE
     if not path.exists():
@@ -103,8 +108,7 @@ def pending_shards(out: Path, run: dict[str, Any]) -> list[int]:
     spec = run["spec"]
     pending = []
     for shard in range(run["num_shards"]):
-        expected = min(spec["shard_size"], spec["num_images"] - shard * spec["shard_size"])
-        problem = shard_problem(out, shard, expected)
+        problem = shard_problem(out, shard, shard_count(spec, shard))
         if problem is not None:
             if problem != "missing":
                 log.info("shard %06d will be regenerated: %s", shard, problem)
@@ -155,8 +159,7 @@ def generate(
     prepare_folder(out, run, overwrite)
     pending = pending_shards(out, run)
     spec = run["spec"]
-    counts = {s: min(spec["shard_size"], spec["num_images"] - s * spec["shard_size"]) for s in pending}
-    todo = sum(counts.values())
+    todo = sum(shard_count(spec, s) for s in pending)
     if progress is not None:
         progress.start(spec["num_images"], spec["num_images"] - todo)
     log.info("%d of %d shards to generate (%d images) into %s", len(pending), run["num_shards"], todo, out)
@@ -191,8 +194,7 @@ def verify(out: str | Path) -> list[tuple[str, str]]:
     spec = run["spec"]
     problems = []
     for shard in range(run["num_shards"]):
-        expected = min(spec["shard_size"], spec["num_images"] - shard * spec["shard_size"])
-        problem = shard_problem(out, shard, expected, deep=True)
+        problem = shard_problem(out, shard, shard_count(spec, shard), deep=True)
         if problem is not None:
             problems.append((f"{SHARD_DIR}/{tar_name(shard)}", problem))
     try:

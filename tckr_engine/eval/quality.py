@@ -60,11 +60,9 @@ def teacher_agreement(
         raise TckrError(f"need one label per image: {len(images_uint8)} images, labels {tuple(labels.shape)}")
     if len(labels) == 0:
         raise TckrError("teacher agreement needs at least one image")
-    was_training = teacher.training
-    teacher.eval()
-    device = next(teacher.parameters()).device
-    pred = _batched(lambda x: teacher(x).argmax(1), images_uint8, batch_size, device).long()  # (N,)
-    teacher.train(was_training)
+    from tckr_engine.train.teacher import predict
+
+    pred = torch.from_numpy(predict(teacher, images_uint8, batch_size))  # (N,)
     return float((pred == labels).float().mean())
 
 

@@ -199,7 +199,7 @@ def train_scratch(
             f"{out} is not empty and holds no training checkpoint; choose a new folder or --overwrite"
         )
 
-    noise_sched = _ddpm(gen.schedule)
+    noise_sched = training_noise_schedule(gen.schedule)
     images = torch.from_numpy(np.array(dataset.images)).permute(0, 3, 1, 2)  # (N, C, H, W) uint8, own copy
     (out / "samples").mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
@@ -266,7 +266,8 @@ def train_scratch(
     return out
 
 
-def _ddpm(schedule: dict[str, Any]):
+def training_noise_schedule(schedule: dict[str, Any]) -> Any:
+    """The DDPM forward process (betas, prediction type) a generator was/is trained with."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(schedule)

@@ -34,6 +34,7 @@ from tckr_engine.data.captions import read_captions_per_image
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import atomic_write, write_json
 from tckr_engine.models.generator import LORA_CONFIG, LORA_WEIGHTS, Generator, load_generator
+from tckr_engine.train.generator import training_noise_schedule
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def train_lora(
         prompts = read_captions_per_image(cfg.captions, dataset.classes, dataset.labels)
     else:
         prompts = [dataset.classes[c] for c in dataset.labels.tolist()]
-    noise_sched = _ddpm(gen.schedule)
+    noise_sched = training_noise_schedule(gen.schedule)
     prediction = noise_sched.config.prediction_type
     if prediction not in ("epsilon", "v_prediction"):
         raise TckrError(
@@ -362,10 +363,3 @@ def train_lora(
     _save_lora(peft_config, out, cfg, gen, dataset.classes)
     log.info("LoRA saved to %s", out / LORA_WEIGHTS)
     return out
-
-
-def _ddpm(schedule: dict[str, Any]):
-    """The DDPM training noise schedule from the base's scheduler config (betas, prediction type)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(schedule)
