@@ -121,6 +121,15 @@ def test_generate_with_the_lora(sd_lora: Path, tiny_sd: Path, tmp_path: Path) ->
     assert "+lora:sd-lora@" in run["spec"]["generator"]["id"]
 
 
+def test_sd_checkpoint_and_lora_generate_at_another_size(sd_lora: Path, tiny_sd: Path) -> None:
+    """TCKR generated at 224 px with SD2 (768 native): the size of latent generators can be overridden."""
+    assert load_generator(str(tiny_sd)).image_size == 16
+    assert load_generator(str(tiny_sd), 24).latent_shape == (4, 12, 12)
+    assert load_generator(str(sd_lora), 24).image_size == 24
+    with pytest.raises(TckrError, match="multiple of 2"):
+        load_generator(str(tiny_sd), 25)
+
+
 def test_lora_on_a_saved_pixel_generator(tmp_path: Path) -> None:
     from tckr_engine.models.generator import build_preset, save_generator
 

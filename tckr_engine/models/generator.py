@@ -317,7 +317,7 @@ def _scheduler_config(folder: Path) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def _load_lora_generator(folder: Path) -> Generator:
+def _load_lora_generator(folder: Path, image_size: int | None = None) -> Generator:
     """A LoRA folder (`tckr_lora.json` + diffusers LoRA file): its base with the LoRA fused into the UNet.
 
     The adapter is fused and unloaded, so the engine (and export, compile) sees a plain UNet; the generator
@@ -335,7 +335,7 @@ def _load_lora_generator(folder: Path) -> Generator:
         raise TckrError(f"the base of LoRA {folder} is a LoRA folder too ({base}); stacking is not supported")
     if not base.is_dir():
         raise TckrError(f"base model of LoRA {folder} not found: {base}; restore it or edit {LORA_CONFIG}")
-    gen = load_generator(str(base))
+    gen = load_generator(str(base), image_size)
     try:
         gen.unet.load_lora_adapter(
             str(folder), weight_name=LORA_WEIGHTS, prefix="unet", local_files_only=True, adapter_name="lora"
@@ -366,10 +366,13 @@ def load_generator(spec: str, image_size: int | None = None) -> Generator:
         return build_preset(spec, image_size)  # raises the unknown-preset error
     if not folder.is_dir():
         raise TckrError(f"generator path {folder} is not a folder")
-    if image_size is not None:
-        raise TckrError("image_size can only be overridden for presets, not for a saved generator")
     if (folder / LORA_CONFIG).is_file():
-        return _load_lora_generator(folder)
+        return _load_lora_generator(folder, image_size)
+    if image_size is not None and not (folder / "model_index.json").is_file():
+        raise TckrError(
+            "image_size can only be overridden for presets and Stable Diffusion checkpoints, "
+            "not for a saved pixel-space generator (it was trained at one size)"
+        )
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     weights = sorted((folder / "unet").glob("*.safetensors"))
@@ -405,6 +408,10 @@ def load_generator(spec: str, image_size: int | None = None) -> Generator:
         text = build_text_encoder({"type": "clip"}, root=folder)
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
         size = int(unet.config.sample_size) * scale
+        if image_size is not None:  # diffusers' UNet handles latents that are not a multiple of 2**levels
+            if image_size % scale:
+                raise TckrError(f"image_size must be a multiple of {scale} for {folder.name}, got {image_size}")
+            size = image_size
         ident = f"{folder.name}@{file_digest(weights + vae_w)}"
         return Generator(unet, text, schedule, "latent", size, 3, ident, vae=vae)
     raise TckrError(f"{folder} has neither {CONFIG_NAME} nor model_index.json; not a generator folder")
