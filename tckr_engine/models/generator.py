@@ -410,7 +410,9 @@ def load_generator(spec: str, image_size: int | None = None) -> Generator:
         size = int(unet.config.sample_size) * scale
         if image_size is not None:  # diffusers' UNet handles latents that are not a multiple of 2**levels
             if image_size % scale:
-                raise TckrError(f"image_size must be a multiple of {scale} for {folder.name}, got {image_size}")
+                raise TckrError(
+                    f"image_size must be a multiple of {scale} for {folder.name}, got {image_size}"
+                )
             size = image_size
         ident = f"{folder.name}@{file_digest(weights + vae_w)}"
         return Generator(unet, text, schedule, "latent", size, 3, ident, vae=vae)
