@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -421,6 +423,112 @@ def presets() -> None:
 
     for name, desc in list_presets().items():
         typer.echo(f"{name:14s} {desc}")
+
+
+@app.command()
+def train(
+    shards: Annotated[Path, typer.Option("--shards", help="Synthetic shard folder (the pool).")],
+    out: Annotated[Path, typer.Option("--out", help="Student folder (resumed from its checkpoint).")],
+    teacher: Annotated[Path | None, typer.Option(help="Teacher classifier folder (labels 'online').")] = None,
+    arch: Annotated[str, typer.Option(help="resnet-small | small-cnn | timm:<name>")] = "resnet-small",
+    labels: Annotated[str, typer.Option(help="online | stored | hard")] = "online",
+    temperature: Annotated[float, typer.Option(help="Soft-label temperature.")] = 1.0,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.1,
+    epochs: Annotated[int, typer.Option()] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine decay).")] = 1e-3,
+    regenerate_every: Annotated[
+        int, typer.Option("--regenerate-every", help="A fresh synthetic set every R epochs (0: never).")
+    ] = 0,
+    regenerate: Annotated[
+        str, typer.Option(help="pool (disjoint shard subsets) | engine (new shards, in-process)")
+    ] = "pool",
+    images_per_round: Annotated[
+        int | None, typer.Option("--images-per-round", help="Synthetic images per round.")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Real dataset for validation/test (default: the shards').")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader workers decoding shards.")] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished student.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train a student on synthetic shards with Generative Knowledge Distillation."""
+    _setup_logging(verbose)
+    from tckr_engine.train.gkd import StudentConfig, train_student
+
+    cfg = StudentConfig(
+        arch=arch,
+        dataset=dataset,
+        teacher=str(teacher) if teacher else None,
+        labels=labels,
+        temperature=temperature,
+        label_smoothing=label_smoothing,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        regenerate=regenerate,
+        regenerate_every=regenerate_every,
+        images_per_round=images_per_round,
+        workers=workers,
+        seed=seed,
+        threads=threads,
+        device=device,
+    ).validate()
+    with _bar("train", TextColumn("loss {task.fields[loss]} {task.fields[rate]} samples/s")) as bar:
+        task = bar.add_task("train", total=None, loss="--", rate="--")
+
+        def advance(done: int, total: int, loss: float, rate: float) -> None:
+            bar.update(task, completed=done, total=total, loss=f"{loss:.4f}", rate=f"{rate:.0f}")
+
+        metrics = train_student(cfg, shards, out, progress=advance, overwrite=overwrite)
+    console.print(
+        f"[green]done[/green]: best epoch {metrics['best_epoch']} "
+        f"(val acc {metrics['best_val_accuracy']:.4f}), test acc {metrics['test_accuracy']:.4f} -> {out}"
+    )
+
+
+@contextmanager
+def _stage_bar(stage: str) -> Iterator[Any]:
+    """One rich progress bar per pipeline stage (a `pipeline.StageUI`)."""
+    with _bar(f"{stage:>16s}", TextColumn("{task.fields[info]}")) as progress:
+        task = progress.add_task(stage, total=None, info="")
+
+        def update(completed: int, total: int | None, **fields: Any) -> None:
+            info = "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
+            )
+            progress.update(task, completed=completed, total=total, info=info)
+
+        yield update
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config (TOML), e.g. configs/fashion-mnist-cpu.toml.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default: runs/<config name>).")
+    ] = None,
+    force: Annotated[
+        list[str] | None, typer.Option("--force", help="Redo a stage even if up to date (repeatable).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for every stage.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """The whole pipeline from one TOML file: caption, teacher, generator, generate, train, evaluate."""
+    _setup_logging(verbose)
+    from tckr_engine.pipeline import load_run_config, run_pipeline
+    from tckr_engine.report import headline_table
+
+    cfg = load_run_config(config, {"threads": threads, "device": device})
+    folder = out if out is not None else Path("runs") / config.stem
+    report = run_pipeline(cfg, folder, force=tuple(force or ()), ui=_stage_bar)
+    console.print(f"[green]done[/green] in {report['total_seconds']:.0f} s: report at {folder / 'report.md'}")
+    typer.echo(headline_table(report["models"]))
 
 
 def main() -> None:

@@ -1,0 +1,342 @@
+"""The student's data side: shard-folder checks, regeneration round plans, and the streaming shard loader.
+
+- `open_shard_folder(path)`: a finished shard folder (DESIGN.md data contract: run.json, index.json, committed
+  shards whose stats files agree with the tars) as a `ShardFolder`; anything missing or corrupt is one
+  `TckrError` naming the folder and the fix.
+- `plan_rounds(...)`: which shard tars each regeneration round reads. Pure (no I/O beyond what the
+  `ShardFolder` already holds), so the disjointness of pool rounds is checked without training.
+- `shard_loader(...)`: webdataset's own reader (node and worker splitting, seeded shard and sample shuffles),
+  PNG/JPEG/WebP decoded to uint8, batched in the worker, served by a `torch.utils.data.DataLoader`.
+- `epoch_batches(...)`: exactly how many batches that loader yields, for the cosine schedule and progress.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from tckr_engine.config import GenerateConfig
+from tckr_engine.engine.generate import read_run, shard_count
+from tckr_engine.engine.shards import INDEX_FILE, SHARD_DIR, shard_problem, tar_name
+from tckr_engine.errors import TckrError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("png", "jpg", "webp")
+REGEN_DIR = "regen"  # engine rounds are generated into OUT/regen/round-XXX/
+
+
+@dataclass(frozen=True)
+class ShardFolder:
+    """A checked, finished shard folder: its run.json and the tars listed by its index, in index order."""
+
+    path: Path
+    run: dict[str, Any]
+    urls: tuple[str, ...]  # absolute tar paths
+    nsamples: tuple[int, ...]  # samples per tar
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.run["spec"]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.spec["classes"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.spec["shard_size"])
+
+
+def open_shard_folder(path: str | Path) -> ShardFolder:
+    """Read and check a shard folder: run.json, index.json and every listed shard against its stats file.
+
+    The check is `shard_problem` (size and sha256 against the stats file, the commit marker), the same one
+    `generate` uses to decide what to resume; `tckr-engine verify` additionally decodes every sample.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise TckrError(f"shard folder not found: {folder}; write one with 'tckr-engine generate --shards'")
+    run = read_run(folder)
+    if run is None or "spec" not in run or "num_shards" not in run:
+        raise TckrError(f"{folder} has no valid run.json; is it a folder written by 'tckr-engine generate'?")
+    fix = (
+        f"rerun 'tckr-engine generate' to finish or repair it ('tckr-engine verify {folder}' lists problems)"
+    )
+    try:
+        listed = [
+            (e["url"], int(e["nsamples"])) for e in json.loads((folder / INDEX_FILE).read_text())["shardlist"]
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TckrError(f"{folder} has no valid {INDEX_FILE}: the folder is unfinished; {fix}") from None
+    expected = [f"{SHARD_DIR}/{tar_name(s)}" for s in range(run["num_shards"])]
+    if [url for url, _ in listed] != expected:
+        raise TckrError(f"{folder / INDEX_FILE} does not list the run's {run['num_shards']} shards; {fix}")
+    for shard, (url, count) in enumerate(listed):
+        expected_count = shard_count(run["spec"], shard)
+        problem = shard_problem(folder, shard, expected_count)
+        if problem is None and count != expected_count:
+            problem = f"the index says {count} samples, the run {expected_count}"
+        if problem is not None:
+            raise TckrError(f"shard {folder / url} is not usable ({problem}); {fix}")
+    return ShardFolder(
+        folder.resolve(),
+        run,
+        tuple(str(folder.resolve() / url) for url, _ in listed),
+        tuple(count for _, count in listed),
+    )
+
+
+@dataclass(frozen=True)
+class Round:
+    """One regeneration round: the epochs that train on it and the shard tars they stream."""
+
+    index: int
+    epochs: tuple[int, ...]  # 1-based
+    folder: Path  # the shard folder the tars belong to
+    urls: tuple[str, ...]
+    nsamples: tuple[int, ...]
+    generated: bool  # True: an engine round the trainer generates into `folder` (absent until then)
+
+    @property
+    def images(self) -> int:
+        return sum(self.nsamples)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.index,
+            "epochs": list(self.epochs),
+            "folder": str(self.folder),
+            "generated": self.generated,
+            "images": self.images,
+            "shards": list(self.urls),
+        }
+
+
+def num_rounds(epochs: int, every: int) -> int:
+    """Rounds training reads: epoch e (1-based) reads round (e - 1) // every; every = 0: one round."""
+    return 1 if every == 0 else 1 + (epochs - 1) // every
+
+
+def round_of_epoch(epoch: int, every: int) -> int:
+    return 0 if every == 0 else (epoch - 1) // every
+
+
+def plan_rounds(
+    pool: ShardFolder,
+    epochs: int,
+    every: int,
+    mode: str,
+    images_per_round: int | None,
+    regen_dir: Path,
+) -> list[Round]:
+    """The data of every round, chosen at shard granularity.
+
+    Each round reads k whole shards, k = ceil(images_per_round / shard_size) (rounded up, so a round holds
+    at least `images_per_round` images when the shards are full). With `images_per_round` unset, k is the
+    whole folder when there is one round, else an equal share, floor(num_shards / rounds).
+    - mode "pool": round r reads the pool's shards [r*k, (r+1)*k): rounds are disjoint. The pool must hold
+      rounds * k shards, rounds = 1 + (epochs - 1) // every (REFERENCE §1.5 writes N x (1 + epochs // R),
+      which also counts a round that would start after the last epoch when R divides epochs).
+    - mode "engine": round 0 reads the pool's first k shards; round r >= 1 is a new folder
+      `regen_dir/round-XXX` generated from the pool's recorded run with seed + r and as many images as
+      round 0 holds (see `round_generate_config`).
+    """
+    rounds, size, have = num_rounds(epochs, every), pool.shard_size, len(pool.urls)
+    if images_per_round is not None:
+        k = math.ceil(images_per_round / size)
+    elif rounds == 1 or mode == "engine":
+        k = have
+    else:
+        k = max(1, have // rounds)
+    need = rounds * k if mode == "pool" else k
+    if need > have:
+        asked = f"{images_per_round} images" if images_per_round is not None else "an equal share"
+        raise TckrError(
+            f"shard pool {pool.path} is too small: it holds {have} shard(s) of {size} images "
+            f"({sum(pool.nsamples)} images), and {rounds} round(s) (1 + (epochs - 1) // regenerate_every) of "
+            f"{k} shard(s) each ({asked}, rounded up to whole shards) need {need}; "
+            f"generate a pool of at least {need * size} images, or lower images_per_round or epochs"
+        )
+    epochs_of = [
+        tuple(e for e in range(1, epochs + 1) if round_of_epoch(e, every) == r) for r in range(rounds)
+    ]
+    plan = []
+    for r in range(rounds):
+        if mode == "pool" or r == 0:
+            lo, hi = r * k if mode == "pool" else 0, (r + 1) * k if mode == "pool" else k
+            plan.append(Round(r, epochs_of[r], pool.path, pool.urls[lo:hi], pool.nsamples[lo:hi], False))
+            continue
+        folder = (regen_dir / f"round-{r:03d}").resolve()
+        spec = {"shard_size": size, "num_images": plan[0].images}
+        shards = range(math.ceil(plan[0].images / size))
+        urls = tuple(str(folder / SHARD_DIR / tar_name(s)) for s in shards)
+        plan.append(Round(r, epochs_of[r], folder, urls, tuple(shard_count(spec, s) for s in shards), True))
+    return plan
+
+
+def round_generate_config(pool: ShardFolder, round_index: int, num_images: int) -> GenerateConfig:
+    """The GenerateConfig of an engine round: the pool's recorded run with seed + round and `num_images`.
+
+    Device, dtype, attention and CPU threads are pinned to what the pool's spec resolved to, and the
+    captions and teacher to the absolute paths it recorded, so a round is generated like the pool was.
+    Per-sample noise seeds are splitmix64(seed, index), so seed + r shares no noise with seed.
+    """
+    recorded, spec = pool.run.get("config"), pool.spec
+    if not isinstance(recorded, dict):
+        raise TckrError(
+            f"{pool.path}/run.json records no generate config, so new rounds cannot be generated from it; "
+            "use regenerate = 'pool' or regenerate the folder with this version of tckr-engine"
+        )
+    known = {f.name for f in fields(GenerateConfig)} - {"extra"}
+    values = {k: v for k, v in recorded.items() if k in known}
+    values.update(
+        num_images=num_images,
+        seed=int(spec["seed"]) + round_index,
+        threads=spec["threads"],
+        device=spec["device"],
+        dtype=spec["dtype"],
+        attention=spec["attention"],
+    )
+    if spec["prompts"].get("source") == "captions":
+        values["captions"] = spec["prompts"]["captions"]
+    if spec.get("teacher"):
+        values["teacher"] = spec["teacher"]["path"]
+    return GenerateConfig(**values)
+
+
+def ensure_round(rnd: Round, pool: ShardFolder) -> None:
+    """Generate an engine round's folder in-process (resuming or reusing a finished one) and check it."""
+    if not rnd.generated:
+        return
+    from tckr_engine.engine.generate import generate
+
+    threads = torch.get_num_threads()
+    log.info("round %d: generating %d images into %s", rnd.index, rnd.images, rnd.folder)
+    with torch.random.fork_rng(devices=[]):  # generation must not move the training RNG
+        generate(round_generate_config(pool, rnd.index, rnd.images), rnd.folder)
+    torch.set_num_threads(threads)  # the engine pins the pool's CPU thread count; restore the trainer's
+    got = open_shard_folder(rnd.folder)
+    if (got.urls, got.nsamples, got.classes) != (rnd.urls, rnd.nsamples, pool.classes):
+        raise TckrError(
+            f"regenerated round {rnd.folder} does not hold the planned shards; rerun with --overwrite"
+        )
+
+
+def _decode(sample: dict[str, Any], logits: bool) -> dict[str, Any]:
+    """One raw webdataset sample -> image uint8 (H, W, C), class index, optional logits, key and url."""
+    from PIL import Image
+
+    where = f"sample {sample.get('__key__')} in {sample.get('__url__')}"
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None or "cls" not in sample:
+        raise TckrError(f"{where} has no image or cls; check the folder with 'tckr-engine verify'")
+    with Image.open(io.BytesIO(sample[key])) as image:
+        arr = np.asarray(image.convert("L" if image.mode in ("L", "I", "1") else "RGB"))  # (H, W[, 3])
+    out = {
+        "image": arr[..., None] if arr.ndim == 2 else arr,  # (H, W, C)
+        "cls": int(sample["cls"]),
+        "key": sample["__key__"],
+        "url": sample["__url__"],
+    }
+    if logits:
+        if "logits.npy" not in sample:
+            raise TckrError(
+                f"{where} has no stored teacher logits (logits.npy); generate with --teacher, "
+                "or train with labels 'online' or 'hard'"
+            )
+        out["logits"] = np.load(io.BytesIO(sample["logits.npy"]), allow_pickle=False)  # (K,) float16
+    return out
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Decoded samples -> one batch: images uint8 (B, H, W, C), cls int64 (B,), [logits float32 (B, K)]."""
+    shapes = {s["image"].shape for s in samples}
+    if len(shapes) > 1:
+        raise TckrError(f"images in one batch differ in size or channels: {sorted(shapes)}")
+    batch = {
+        "images": torch.from_numpy(np.stack([s["image"] for s in samples])),  # (B, H, W, C) uint8
+        "cls": torch.tensor([s["cls"] for s in samples], dtype=torch.int64),  # (B,)
+        "keys": [s["key"] for s in samples],
+        "urls": [s["url"] for s in samples],
+    }
+    if "logits" in samples[0]:
+        batch["logits"] = torch.from_numpy(np.stack([s["logits"] for s in samples])).float()  # (B, K)
+    return batch
+
+
+def shard_loader(
+    urls: Sequence[str | Path],
+    batch_size: int,
+    workers: int = 0,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    *,
+    logits: bool = False,
+) -> DataLoader:
+    """A DataLoader over WebDataset shards yielding batch dicts (see `_collate`); one pass = one epoch.
+
+    Pipeline: `wds.WebDataset(urls, nodesplitter=split_by_node, workersplitter=split_by_worker)` (under
+    torchrun each rank reads urls[rank::world], each DataLoader worker a stride of those), a shard-order
+    shuffle and a `shuffle_buffer`-sample shuffle, both seeded with `seed` (0 = neither: index order), decode,
+    batches of `batch_size` formed in the worker (each worker's last batch may be partial). `workers` is
+    capped at the number of shards (an extra worker would have nothing to read); 0 reads in this process.
+    Pass a different `seed` per epoch for a different order; equal arguments give equal batches.
+    `logits` also decodes the stored teacher logits (`logits.npy`; a sample without them is a TckrError).
+    """
+    import webdataset as wds
+
+    urls = [str(u) for u in urls]
+    if not urls:
+        raise TckrError("no shards to read")
+    shuffle = shuffle_buffer > 0
+    ds = wds.WebDataset(
+        urls,
+        shardshuffle=len(urls) if shuffle else False,
+        nodesplitter=wds.split_by_node,
+        workersplitter=wds.split_by_worker,
+        seed=seed,
+        empty_check=False,  # a rank with fewer shards than workers simply yields nothing
+    )
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.map(functools.partial(_decode, logits=logits)).batched(
+        batch_size, collation_fn=_collate, partial=True
+    )
+    return DataLoader(ds, batch_size=None, num_workers=min(workers, len(urls)))
+
+
+def epoch_batches(
+    nsamples: Sequence[int], batch_size: int, workers: int, rank: int = 0, world_size: int = 1
+) -> int:
+    """Batches one pass of `shard_loader` yields: per worker, ceil(its samples / batch_size)."""
+    streams = max(1, min(workers, len(nsamples)))
+    mine = list(nsamples)[rank::world_size]
+    return sum(math.ceil(sum(mine[w::streams]) / batch_size) for w in range(streams))
+
+
+def iterate_batches(loader: DataLoader, what: str | Path) -> Iterator[dict[str, Any]]:
+    """Iterate `loader`, turning read errors (also those re-raised from DataLoader workers) into one line."""
+    import tarfile
+
+    try:
+        yield from loader
+    except TckrError as e:  # from a worker, the message carries the worker's traceback: keep the last part
+        raise TckrError(str(e).rsplit("TckrError: ", 1)[-1]) from None
+    except (OSError, ValueError, tarfile.TarError) as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        raise TckrError(
+            f"cannot read the shards of {what}: {lines[-1] if lines else type(e).__name__}; "
+            f"check them with 'tckr-engine verify {what}'"
+        ) from None

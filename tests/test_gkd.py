@@ -1,0 +1,319 @@
+"""GKD student trainer: loss by hand, streaming loader, regeneration rounds, label modes, resume, errors."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+import tckr_engine.train.gkd as gkd
+from tckr_engine.data import load_dataset
+from tckr_engine.engine.generate import generate
+from tckr_engine.errors import TckrError
+from tckr_engine.models.classifier import load_classifier
+from tckr_engine.train.gkd import StudentConfig, batch_targets, gkd_loss, train_student
+from tckr_engine.train.stream import (
+    ensure_round,
+    epoch_batches,
+    open_shard_folder,
+    plan_rounds,
+    shard_loader,
+)
+from tckr_engine.train.teacher import TeacherConfig, evaluate_accuracy, train_teacher
+
+OUTPUTS = ("model.safetensors", "classifier.json", "train_log.jsonl", "checkpoint.pt", "metrics.json")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gkd-teacher") / "teacher"
+    cfg = TeacherConfig(
+        arch="small-cnn", dataset="digits", epochs=1, width=8, batch_size=32, lr=1e-2, threads=1
+    )
+    train_teacher(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, teacher):
+    """A 120-image digits pool in 6 shards of 20, with the teacher's logits stored (do not modify)."""
+    out = tmp_path_factory.mktemp("gkd-pool") / "pool"
+    generate(tiny_config(num_images=120, shard_size=20, batch_size=20, teacher=str(teacher)), out)
+    return out
+
+
+def student(teacher_dir, /, **changes) -> StudentConfig:
+    base = dict(
+        arch="small-cnn", width=4, dataset="digits", teacher=str(teacher_dir), epochs=1, batch_size=16
+    )
+    return StudentConfig(**{**base, "workers": 0, "shuffle_buffer": 50, "threads": 1, **changes})
+
+
+def record_loader(monkeypatch) -> list[dict[str, np.ndarray]]:
+    """Wrap the real shard loader: per epoch, {url/key: image} of every sample the trainer was served."""
+    epochs: list[dict[str, np.ndarray]] = []
+    real = gkd.shard_loader
+
+    def loader(*args, **kwargs):
+        epochs.append({})
+        for batch in real(*args, **kwargs):
+            for url, key, image in zip(batch["urls"], batch["keys"], batch["images"], strict=True):
+                epochs[-1][f"{url}/{key}"] = image.numpy()
+            yield batch
+
+    monkeypatch.setattr(gkd, "shard_loader", loader)
+    return epochs
+
+
+def test_gkd_loss_equals_a_hand_computed_soft_target_cross_entropy():
+    # Row 1: z = ln[1, 2, 1] -> softmax [.25, .5, .25]; target [.5, .5, 0] smoothed by s = 0.3 over K = 3:
+    # q = 0.7 p + 0.1 = [.45, .45, .10]; loss = -(.45 ln .25 + .45 ln .5 + .10 ln .25) = 1.55 ln 2.
+    # Row 2: z = [0, 0, 0] -> uniform; loss = ln 3 whatever the target. The loss is the batch mean.
+    z = torch.log(torch.tensor([[1.0, 2.0, 1.0], [1.0, 1.0, 1.0]]))
+    p = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    assert float(gkd_loss(z, p, 1.0, 0.3)) == pytest.approx((1.55 * math.log(2) + math.log(3)) / 2, rel=1e-6)
+    # T = 2 divides the student logits: z / 2 = ln[1, √2, 1] -> softmax [1, √2, 1] / (2 + √2), so
+    # loss = ln(2 + √2) - .45 ln √2 = 1.0719894...
+    assert float(gkd_loss(z[:1], p[:1], 2.0, 0.3)) == pytest.approx(
+        math.log(2 + math.sqrt(2)) - 0.45 * 0.5 * math.log(2), rel=1e-6
+    )
+    assert float(gkd_loss(z[:1], p[:1], 2.0, 0.3)) == pytest.approx(1.0719894, abs=1e-6)
+    # T = 1, s = 0.1 is TCKR's CrossEntropyLoss(label_smoothing=0.1)(student_logits, soft).
+    s, t = torch.randn(5, 4), torch.softmax(torch.randn(5, 4), 1)
+    tckr = torch.nn.CrossEntropyLoss(label_smoothing=0.1)(s, t)
+    assert torch.allclose(gkd_loss(s, t, 1.0, 0.1), tckr)
+
+
+def test_batch_targets_online_stored_and_hard(pool, teacher):
+    t = load_classifier(teacher)
+    batch = next(iter(shard_loader(open_shard_folder(pool).urls[:1], 8, logits=True)))
+    x = batch["images"]  # (8, 8, 8, 1) uint8, un-augmented
+    with torch.no_grad():
+        logits = t(x)  # (8, 10)
+    # Stored logits are the teacher's on the un-augmented image (float16 in the tar).
+    torch.testing.assert_close(batch["logits"], logits, atol=2e-2, rtol=2e-3)
+    stored = batch_targets("stored", batch, x, None, 2.0, 10)
+    torch.testing.assert_close(stored, torch.softmax(batch["logits"] / 2, 1))
+    x_aug = x.flip(2)  # any other image: online labels come from the batch the student sees
+    with torch.no_grad():
+        torch.testing.assert_close(
+            batch_targets("online", batch, x_aug, t, 1.0, 10), torch.softmax(t(x_aug), 1)
+        )
+    hard = batch_targets("hard", batch, x, None, 2.0, 10)
+    assert torch.equal(hard, F.one_hot(batch["cls"], 10).float())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(labels="soft"), "labels must be one of online, stored, hard"),
+        (dict(teacher=None), "labels 'online' needs a teacher"),
+        (dict(temperature=0), "temperature must be a positive number"),
+        (dict(workers=-1), "workers must be a non-negative integer"),
+        (dict(regenerate="fresh"), "regenerate must be one of pool, engine"),
+        (dict(images_per_round=0), "images_per_round must be a positive integer"),
+        (dict(epochs=0), "epochs must be a positive integer"),
+        (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
+    ],
+)
+def test_bad_config_is_one_line_error(teacher, changes, message):
+    with pytest.raises(TckrError, match=message) as e:
+        student(teacher, **changes).validate()
+    assert "\n" not in str(e.value)
+
+
+def test_shard_loader_streams_every_sample_once_with_exact_batch_counts(pool, monkeypatch):
+    folder = open_shard_folder(pool)
+    keys = {f"{s:06d}{i:05d}" for s in range(6) for i in range(20)}
+    for workers in (0, 2):
+        batches = list(shard_loader(folder.urls, 16, workers, shuffle_buffer=50, seed=3))
+        got = [k for b in batches for k in b["keys"]]
+        assert sorted(got) == sorted(keys) and len(batches) == epoch_batches(folder.nsamples, 16, workers)
+        assert batches[0]["images"].dtype == torch.uint8 and batches[0]["images"].shape[1:] == (8, 8, 1)
+    assert shard_loader(folder.urls[:2], 16, workers=5).num_workers == 2  # a worker per shard at most
+    assert epoch_batches(folder.nsamples[:2], 16, workers=5) == 4  # 2 workers x ceil(20 / 16)
+
+    def order(seed, buffer=50):
+        return [k for b in shard_loader(folder.urls, 16, 0, buffer, seed) for k in b["keys"]]
+
+    assert order(3) == order(3) and order(3) != order(4)  # seeded: the trainer passes one seed per epoch
+    assert order(3, buffer=0) == sorted(keys)  # no shuffle: index order
+    monkeypatch.setenv("RANK", "1")  # torchrun: webdataset's split_by_node gives rank 1 of 2 shards 1, 3, 5
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    batches = list(shard_loader(folder.urls, 16, 0, 50, 0))
+    assert {k[:6] for b in batches for k in b["keys"]} == {"000001", "000003", "000005"}
+    assert len(batches) == epoch_batches(folder.nsamples, 16, 0, rank=1, world_size=2) == 4
+
+
+def test_pool_rounds_are_disjoint_and_a_small_pool_is_refused(pool, tmp_path):
+    folder = open_shard_folder(pool)
+    plan = plan_rounds(folder, epochs=5, every=2, mode="pool", images_per_round=30, regen_dir=tmp_path)
+    assert [r.epochs for r in plan] == [(1, 2), (3, 4), (5,)]
+    assert [r.urls for r in plan] == [folder.urls[0:2], folder.urls[2:4], folder.urls[4:6]]  # 30 -> 2 shards
+    assert [r.images for r in plan] == [40, 40, 40] and not any(r.generated for r in plan)
+    equal_share = plan_rounds(folder, 6, 2, "pool", None, tmp_path)  # 3 rounds, no size given: 2 shards each
+    assert [len(r.urls) for r in equal_share] == [2, 2, 2]
+    assert len(set().union(*(r.urls for r in equal_share))) == 6  # disjoint
+    assert plan_rounds(folder, 20, 0, "pool", None, tmp_path)[0].urls == folder.urls  # no regeneration
+    # 1 + (7 - 1) // 2 = 4 rounds of 2 shards = 8 shards; the pool holds 6.
+    with pytest.raises(TckrError, match=r"too small: it holds 6 shard.*4 round.*need 8") as e:
+        plan_rounds(folder, epochs=7, every=2, mode="pool", images_per_round=40, regen_dir=tmp_path)
+    assert "\n" not in str(e.value)
+    engine = plan_rounds(folder, epochs=3, every=1, mode="engine", images_per_round=30, regen_dir=tmp_path)
+    assert engine[0].urls == folder.urls[:2] and [r.generated for r in engine] == [False, True, True]
+    round2 = tmp_path.resolve() / "round-002/shards"
+    assert engine[2].urls == (str(round2 / "000000.tar"), str(round2 / "000001.tar"))  # as many as round 0
+    assert engine[2].nsamples == (20, 20) and engine[2].epochs == (3,)
+
+
+def test_pool_regeneration_serves_a_fresh_disjoint_subset_each_round(pool, teacher, tmp_path, monkeypatch):
+    seen = record_loader(monkeypatch)
+    cfg = student(teacher, epochs=3, regenerate_every=1, images_per_round=40)
+    metrics = train_student(cfg, pool, tmp_path / "s")
+    assert len(seen) == 3 and all(len(epoch) == 40 for epoch in seen)
+    assert (
+        not set(seen[0]) & set(seen[1])
+        and not set(seen[1]) & set(seen[2])
+        and not set(seen[0]) & set(seen[2])
+    )
+    rounds = metrics["regeneration"]["rounds"]
+    for epoch, r in zip(seen, rounds, strict=True):
+        assert {k.rsplit("/", 1)[0] for k in epoch} == set(r["shards"])  # served exactly the planned shards
+    log = [json.loads(line) for line in (tmp_path / "s/train_log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["round"], r["samples"]) for r in log] == [(1, 0, 40), (2, 1, 40), (3, 2, 40)]
+    # Four rounds of 40 images need 8 shards of 20; refused before anything is written.
+    with pytest.raises(TckrError, match="too small"):
+        train_student(
+            student(teacher, epochs=4, regenerate_every=1, images_per_round=40), pool, tmp_path / "x"
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_engine_regeneration_generates_new_images_per_round(pool, teacher, tmp_path, monkeypatch):
+    seen = record_loader(monkeypatch)
+    cfg = student(
+        teacher, labels="stored", epochs=2, regenerate="engine", regenerate_every=1, images_per_round=20
+    )
+    metrics = train_student(cfg, pool, tmp_path / "s")
+    round1 = tmp_path / "s/regen/round-001"
+    assert json.loads((round1 / "run.json").read_text())["spec"]["seed"] == 1  # the pool's seed + 1
+    first = {k.rsplit("/", 1)[1]: v for k, v in seen[0].items()}
+    second = {k.rsplit("/", 1)[1]: v for k, v in seen[1].items()}
+    assert len(first) == len(second) == 20 and set(first) == set(second)  # same keys in another folder ...
+    assert all(k.startswith(str(round1)) for k in seen[1])
+    assert sum(not np.array_equal(first[k], second[k]) for k in first) >= 15  # ... holding new images
+    assert [r["generated"] for r in metrics["regeneration"]["rounds"]] == [False, True]
+    # A finished round folder is reused as is (resume), not generated again.
+    stats = round1 / "shards/000000_stats.json"
+    before = stats.stat().st_mtime_ns
+    plan = plan_rounds(open_shard_folder(pool), 2, 1, "engine", 20, tmp_path / "s/regen")
+    ensure_round(plan[1], open_shard_folder(pool))
+    assert stats.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("labels", ["online", "stored", "hard"])
+def test_every_label_mode_trains_end_to_end(pool, teacher, tmp_path, labels):
+    calls = []
+    metrics = train_student(
+        student(teacher, labels=labels), pool, tmp_path / "s", progress=lambda *a: calls.append(a)
+    )
+    out = tmp_path / "s"
+    assert all((out / name).is_file() for name in OUTPUTS)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["labels"] == labels and metrics["best_epoch"] == 1 and metrics["steps"] == 8 == len(calls)
+    assert metrics["train_samples"] == 120 and metrics["samples_per_sec"] > 0 and metrics["num_test"] == 359
+    assert [c[:2] for c in calls] == [(i, 8) for i in range(1, 9)] and all(c[3] > 0 for c in calls)
+    assert metrics["teacher"] == (str(teacher) if labels == "online" else None)
+    test = load_dataset("digits", "test")
+    assert evaluate_accuracy(load_classifier(out), test) == metrics["test_accuracy"]  # the selected weights
+
+
+def test_teacher_labels_the_augmented_batch_and_every_epoch_reshuffles(pool, teacher, tmp_path, monkeypatch):
+    seen = record_loader(monkeypatch)
+    raw, labelled, trained = [], [], []
+    real_targets, real_loss = gkd.batch_targets, gkd.batch_loss
+
+    def targets(labels, batch, x_aug, *args):
+        raw.append(batch["images"].clone())
+        labelled.append(x_aug.clone())
+        return real_targets(labels, batch, x_aug, *args)
+
+    def loss(model, x_aug, *args):
+        trained.append(x_aug.clone())
+        return real_loss(model, x_aug, *args)
+
+    monkeypatch.setattr(gkd, "batch_targets", targets)
+    monkeypatch.setattr(gkd, "batch_loss", loss)
+    train_student(student(teacher, epochs=2), pool, tmp_path / "s")
+    assert len(trained) == len(labelled) == 16
+    assert all(torch.equal(a, b) for a, b in zip(labelled, trained, strict=True))  # the teacher sees x_aug
+    assert sum(not torch.equal(a, b) for a, b in zip(raw, trained, strict=True)) == 16  # shifted
+    assert set(seen[0]) == set(seen[1]) and list(seen[0]) != list(seen[1])  # a new order every epoch
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_ends_like_an_uninterrupted_run(pool, teacher, tmp_path):
+    cfg = student(teacher, epochs=2, workers=2)  # workers: the DataLoader worker path, resumed too
+    ref = train_student(cfg, pool, tmp_path / "ref")
+
+    def stop_in_epoch_2(done, total, loss, rate):
+        if done > total // 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_student(cfg, pool, tmp_path / "s", progress=stop_in_epoch_2)
+    assert not (tmp_path / "s/metrics.json").exists() and (tmp_path / "s/checkpoint.pt").is_file()
+    with pytest.raises(TckrError, match=r"unfinished run with other settings \(changed: lr\)"):
+        train_student(student(teacher, epochs=2, workers=2, lr=2e-3), pool, tmp_path / "s")
+    resumed = train_student(cfg, pool, tmp_path / "s")
+    for key in ("val_accuracy", "test_accuracy", "best_epoch", "train_samples", "steps"):
+        assert resumed[key] == ref[key]
+    log = [json.loads(line)["epoch"] for line in (tmp_path / "s/train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2]
+    a = torch.load(tmp_path / "ref/checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "s/checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bit-identical final weights
+    ref_best, best = (
+        load_file(str(tmp_path / "ref/model.safetensors")),
+        load_file(str(tmp_path / "s/model.safetensors")),
+    )
+    assert all(torch.equal(ref_best[k], best[k]) for k in ref_best)
+    with pytest.raises(TckrError, match="already holds a finished run"):
+        train_student(cfg, pool, tmp_path / "s")
+
+
+def test_class_name_mismatch_is_refused(pool, teacher, tmp_path):
+    bad = tmp_path / "pool"
+    shutil.copytree(pool, bad)
+    run = json.loads((bad / "run.json").read_text())
+    run["spec"]["classes"] = sorted(run["spec"]["classes"], key=lambda c: -int(c))  # same names, other order
+    (bad / "run.json").write_text(json.dumps(run))
+    with pytest.raises(TckrError, match="differ from the real dataset's") as e:
+        train_student(student(teacher), bad, tmp_path / "s")
+    assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
+
+
+def test_missing_unfinished_or_corrupt_shard_folder_is_refused(pool, teacher, tmp_path):
+    with pytest.raises(TckrError, match="shard folder not found"):
+        train_student(student(teacher), tmp_path / "nowhere", tmp_path / "s")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(pool, unfinished)
+    (unfinished / "index.json").unlink()
+    with pytest.raises(TckrError, match=r"no valid index\.json: the folder is unfinished"):
+        train_student(student(teacher), unfinished, tmp_path / "s")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(pool, corrupt)
+    tar = corrupt / "shards/000002.tar"
+    tar.write_bytes(tar.read_bytes()[:1000])
+    with pytest.raises(TckrError, match=r"000002.tar is not usable \(size .* disagrees"):
+        train_student(student(teacher), corrupt, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
