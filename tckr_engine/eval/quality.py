@@ -55,7 +55,7 @@ def teacher_agreement(
 ) -> float:
     """Share of uint8 images (N, H, W, C) that `teacher` assigns to their conditioning class `labels` (N,)."""
     _check_images(teacher, images_uint8, "images")
-    labels = torch.as_tensor(np.asarray(labels)).long()  # (N,)
+    labels = torch.tensor(np.asarray(labels), dtype=torch.long)  # (N,) a copy: dataset arrays are read-only
     if labels.shape != (len(images_uint8),):
         raise TckrError(f"need one label per image: {len(images_uint8)} images, labels {tuple(labels.shape)}")
     if len(labels) == 0:
