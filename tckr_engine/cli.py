@@ -491,6 +491,50 @@ def train(
     )
 
 
+@app.command()
+def evaluate(
+    models: Annotated[
+        list[str], typer.Argument(help="Classifier folders to evaluate, as FOLDER or NAME=FOLDER.")
+    ],
+    teacher: Annotated[
+        Path, typer.Option(help="The teacher trained on real data: fixes members (its training images).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for shadow models, results and report.md.")],
+    shards: Annotated[
+        Path | None, typer.Option(help="Synthetic shard folder: adds its quality to the report.")
+    ] = None,
+    num_shadows: Annotated[int, typer.Option("--num-shadows", help="LiRA shadow models (even).")] = 16,
+    members: Annotated[int, typer.Option(help="Members (and as many non-members) attacked.")] = 1000,
+    epochs: Annotated[
+        int | None, typer.Option(help="Shadow training epochs (default: the teacher's).")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Test accuracy, LiRA membership inference (AUC, TPR at low FPR), AOP and a report for classifiers."""
+    _setup_logging(verbose)
+    from tckr_engine.eval.evaluate import evaluate as run_evaluate
+    from tckr_engine.report import headline_table
+
+    named: dict[str, str] = {}
+    for item in models:
+        name, _, folder = item.rpartition("=") if "=" in item else ("", "", item)
+        name = name or Path(folder).name
+        if name in named:
+            raise TckrError(f"two models are named {name!r}; name them NAME=FOLDER")
+        named[name] = folder
+    settings: dict[str, Any] = {"num_shadows": num_shadows, "members": members, "seed": seed}
+    settings |= {"device": device, "threads": threads}
+    if epochs is not None:
+        settings["epochs"] = epochs
+    with _stage_bar("shadow models") as update:
+        report = run_evaluate(named, teacher, out, settings, shards=shards, progress=update)
+    console.print(f"[green]done[/green]: report at {out / 'report.md'}")
+    typer.echo(headline_table(report["models"]))
+
+
 @contextmanager
 def _stage_bar(stage: str) -> Iterator[Any]:
     """One rich progress bar per pipeline stage (a `pipeline.StageUI`)."""

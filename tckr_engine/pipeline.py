@@ -137,10 +137,11 @@ def validate_run_config(cfg: RunConfig) -> None:
     _caption_settings(cfg)
     _teacher_config(cfg)
     _generator_settings(cfg)
+    _generate_config(cfg, "generator", None, None, 1)  # the [generate] table alone
     for spec in _student_specs(cfg, train_size=None):
         _student_config(cfg, spec)
     if cfg.evaluate.get("enabled", True):
-        _lira_config(cfg)
+        _lira_settings(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -240,16 +241,19 @@ def _student_config(cfg: RunConfig, spec: dict[str, Any]) -> Any:
     return _build(StudentConfig, table, f"students.{spec['name']}")
 
 
-def _lira_config(cfg: RunConfig) -> Any:
-    from tckr_engine.privacy.lira import LiraConfig
+def _lira_settings(cfg: RunConfig) -> dict[str, Any]:
+    """[evaluate] as LiraConfig overrides; the rest of the shadow recipe is copied from the teacher."""
+    from tckr_engine.eval.evaluate import lira_settings
+    from tckr_engine.privacy import LiraConfig
 
     table = {k: v for k, v in cfg.evaluate.items() if k != "enabled"}
+    _check_keys(table, _field_names(LiraConfig), "evaluate")
     base = {"seed": cfg.seed, "threads": cfg.threads, "device": cfg.device}
-    return _build(LiraConfig, {**base, **table}, "evaluate")
+    return lira_settings({**base, **table})
 
 
 def _generate_config(
-    cfg: RunConfig, model: str, captions: str | None, teacher: str, images: int
+    cfg: RunConfig, model: str, captions: str | None, teacher: str | None, images: int
 ) -> GenerateConfig:
     table = {k: v for k, v in cfg.generate.items() if k not in ("ratio", "num_images")}
     fixed = {"model", "dataset", "captions", "teacher"}
@@ -364,9 +368,7 @@ def run_pipeline(
     enabled = cfg.evaluate.get("enabled", True)
     models = [{"name": "teacher", "path": str(teacher), "trained_on": "real train split", "fp": fp_teacher}]
     models += students
-    results = timed(
-        "evaluate", lambda: _stage_evaluate(cfg, models, out, stages, ui, enabled) if enabled else []
-    )
+    results = timed("evaluate", lambda: _stage_evaluate(cfg, models, out, stages, ui) if enabled else [])
     report = {
         "title": f"tckr-engine run: {cfg.dataset}",
         "dataset": cfg.dataset,
@@ -573,18 +575,17 @@ def _rounds(scfg: Any) -> str:
 
 
 def _stage_evaluate(
-    cfg: RunConfig, models: list[dict[str, Any]], out: Path, stages: Stages, ui: StageUI, enabled: bool
+    cfg: RunConfig, models: list[dict[str, Any]], out: Path, stages: Stages, ui: StageUI
 ) -> list[dict[str, Any]]:
     from tckr_engine.eval.evaluate import evaluate_model, prepare_shadows
 
-    lira = _lira_config(cfg)
-    teacher_path = Path(models[0]["path"])
+    settings = _lira_settings(cfg)
     privacy = out / "privacy"
     with ui("shadow models") as update:
-        shadows = prepare_shadows(lira, cfg.dataset, teacher_path, privacy, progress=update)
+        shadows = prepare_shadows(settings, models[0]["path"], privacy, progress=update)
     results = []
     for m in models:
-        fp = fingerprint("evaluate", m["fp"], lira)
+        fp = fingerprint("evaluate", m["fp"], shadows.fingerprint)
         key = f"evaluate:{m['name']}"
         path = privacy / f"{m['name']}.json"
         if stages.plan(key, fp) == "skip" and path.is_file():

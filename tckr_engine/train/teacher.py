@@ -1,7 +1,8 @@
 """Teacher classifier training on real data, with model selection on a validation split carved from train.
 
 Recipe (REFERENCE.md §1.6, minus AugMix and early stopping): AdamW lr 1e-3 wd 5e-5, cosine decay per step,
-label smoothing 0.1, random shift (zero padding + random crop) and horizontal flip written in plain torch.
+label smoothing 0.1, random shift (zero padding + random crop) and horizontal flip; the loop itself is
+`tckr_engine.train.fit.fit_classifier`, shared with the LiRA shadow models.
 The best epoch is chosen on the validation split only (TCKR's public code selects on test, a flaw we do not
 copy); the test split is loaded once, after training, to evaluate the selected weights.
 
@@ -14,19 +15,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tckr_engine.config import check_positive
-from tckr_engine.data import ImageDataset, load_dataset, train_val_split
+from tckr_engine.data import load_dataset, train_val_split
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import write_json
 from tckr_engine.models.classifier import (
@@ -38,14 +35,24 @@ from tckr_engine.models.classifier import (
     load_classifier,
     save_classifier,
 )
+from tckr_engine.train.fit import (
+    Progress,
+    auto_hflip,
+    auto_shift,
+    evaluate_accuracy,
+    fit_classifier,
+    predict,
+    random_shift_flip,
+)
+
+# Re-exported: other modules import these from here.
+__all__ = ["Progress", "TeacherConfig", "evaluate_accuracy", "predict", "random_shift_flip", "train_teacher"]
 
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.json"
 LOG_NAME = "train_log.jsonl"
 _OUTPUTS = (METRICS_NAME, LOG_NAME, "model.safetensors", "classifier.json")
-# (done steps, total steps, running train loss, running train accuracy) after every optimiser step.
-Progress = Callable[[int, int, float, float], None]
 
 
 @dataclass
@@ -106,55 +113,6 @@ class TeacherConfig:
         return self
 
 
-def random_shift_flip(
-    images: torch.Tensor, shift: int, hflip: bool, generator: torch.Generator
-) -> torch.Tensor:
-    """Per-image random translation by up to `shift` px (zero padding, random crop) and optional mirror.
-
-    uint8 (B, H, W, C) -> uint8 (B, H, W, C); one gather for the whole batch, randomness from `generator`.
-    """
-    b, h, w, _ = images.shape
-    padded = F.pad(images, (0, 0, shift, shift, shift, shift)) if shift else images  # (B, H+2s, W+2s, C)
-    dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator)  # (B,)
-    dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator)  # (B,)
-    cols = torch.arange(w).expand(b, w)  # (B, W)
-    if hflip:
-        flip = torch.rand(b, generator=generator) < 0.5  # (B,)
-        cols = torch.where(flip[:, None], cols.flip(1), cols)
-    rows = dy[:, None] + torch.arange(h)  # (B, H)
-    cols = dx[:, None] + cols  # (B, W)
-    batch = torch.arange(b)[:, None, None]  # (B, 1, 1)
-    return padded[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-
-
-@torch.no_grad()
-def predict(model: Classifier, images: np.ndarray | torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    """Predicted class (N,) int64 for uint8 images (N, H, W, C), in batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(images), batch_size):
-        batch = torch.tensor(np.asarray(images[i : i + batch_size]), device=device)  # (b, H, W, C) uint8
-        out.append(model(batch).argmax(1).cpu())  # (b,)
-    model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
-
-
-def evaluate_accuracy(model: Classifier, dataset: ImageDataset, batch_size: int = 512) -> float:
-    """Top-1 accuracy of `model` on `dataset` (eval mode, no gradients); 0.0 for an empty dataset."""
-    if len(dataset) == 0:
-        return 0.0
-    return float((predict(model, dataset.images, batch_size) == dataset.labels).mean())
-
-
-def _lr_lambda(total_steps: int) -> Callable[[int], float]:
-    def f(step: int) -> float:  # cosine from 1 to 0 over the whole run, per optimiser step
-        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-    return f
-
-
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse to mix runs; with overwrite, remove the previous run's files (metrics.json first)."""
     existing = [n for n in _OUTPUTS if (out / n).exists()]
@@ -165,10 +123,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     for name in existing:  # metrics.json goes first, so a half-deleted folder never looks finished
         (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-def _auto_shift(image_size: int) -> int:
-    return max(1, min(4, image_size // 10))  # 8 px -> 1, 28 px -> 2, 32 px -> 3, >= 40 px -> 4
 
 
 def train_teacher(
@@ -193,8 +147,8 @@ def train_teacher(
             f"{cfg.dataset} train split is too small ({len(full)} images) to carve a validation split"
         )
     _, h, w, c = train.images.shape
-    shift = _auto_shift(min(h, w)) if cfg.shift is None else cfg.shift
-    hflip = (full.name != "digits") if cfg.hflip is None else cfg.hflip
+    shift = auto_shift(min(h, w)) if cfg.shift is None else cfg.shift
+    hflip = auto_hflip(full.name) if cfg.hflip is None else cfg.hflip
     device = torch.device(cfg.device)
 
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
@@ -208,47 +162,22 @@ def train_teacher(
         cfg.arch, count_parameters(model), cfg.dataset, len(train), len(val), h, w, c, shift, hflip,
     )  # fmt: skip
 
-    images = torch.from_numpy(np.ascontiguousarray(train.images))  # (N, H, W, C) uint8
-    labels = torch.from_numpy(train.labels)  # (N,)
-    steps_per_epoch = max(1, len(train) // cfg.batch_size)  # partial last batch dropped (BN needs > 1)
-    total = cfg.epochs * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total))
-    rng = torch.Generator().manual_seed(cfg.seed)
     val_acc: list[float] = []
-    best_epoch, best_acc, done = 0, -1.0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        perm = torch.randperm(len(train), generator=rng)  # (N,)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]  # (B,)
-            x = random_shift_flip(images[idx], shift, hflip, rng).to(device)  # (B, H, W, C) uint8
-            y = labels[idx].to(device)  # (B,)
-            logits = model(x)  # (B, K)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            done += 1
-            # One host sync per step is fine here: the step itself is milliseconds to seconds on CPU.
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.detach().argmax(1) == y).sum())
-            seen += len(idx)
-            if progress is not None:
-                progress(done, total, loss_sum / seen, correct / seen)
+    best = {"epoch": 0, "acc": -1.0}
+
+    def on_epoch(epoch: int, model: Classifier, stats: dict[str, Any]) -> None:
+        """Score the epoch on validation, keep it if strictly better (earliest wins ties), log a line."""
         acc = evaluate_accuracy(model, val, cfg.eval_batch_size)
         val_acc.append(acc)
-        if acc > best_acc:  # strictly better: the earliest epoch wins ties
-            best_epoch, best_acc = epoch, acc
+        if acc > best["acc"]:  # strictly better: the earliest epoch wins ties
+            best.update(epoch=epoch, acc=acc)
             save_classifier(model, out)
         line = {
             "epoch": epoch,
-            "train_loss": round(loss_sum / seen, 5),
-            "train_accuracy": round(correct / seen, 5),
+            "train_loss": round(stats["train_loss"], 5),
+            "train_accuracy": round(stats["train_accuracy"], 5),
             "val_accuracy": round(acc, 5),
-            "lr": opt.param_groups[0]["lr"],
+            "lr": stats["lr"],
             "seconds": round(time.perf_counter() - t0, 1),
         }
         with (out / LOG_NAME).open("a") as f:
@@ -256,8 +185,26 @@ def train_teacher(
         log.info(
             "epoch %d/%d: train loss %.4f acc %.4f, val acc %.4f%s",
             epoch, cfg.epochs, line["train_loss"], line["train_accuracy"], acc,
-            " (best)" if best_epoch == epoch else "",
+            " (best)" if best["epoch"] == epoch else "",
         )  # fmt: skip
+
+    fit_classifier(
+        model,
+        train.images,
+        train.labels,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        label_smoothing=cfg.label_smoothing,
+        shift=shift,
+        hflip=hflip,
+        seed=cfg.seed,
+        device=device,
+        on_epoch=on_epoch,
+        progress=progress,
+    )
+    best_epoch, best_acc = int(best["epoch"]), float(best["acc"])
 
     # Selection is over. The test split is read for the first time here, to score the saved best weights.
     best = load_classifier(out).to(device)

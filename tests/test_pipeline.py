@@ -1,0 +1,164 @@
+"""`tckr-engine run`: a tiny end-to-end pipeline on digits, stage skipping, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tckr_engine.errors import TckrError
+from tckr_engine.pipeline import load_run_config, run_pipeline
+
+TINY_RUN = """
+[run]
+dataset = "digits"
+seed = 0
+threads = 1
+
+[caption]
+captioner = "attributes"
+
+[teacher]
+arch = "small-cnn"
+epochs = 2
+width = 8
+
+[generator]
+mode = "reuse"
+model = "tiny-digits"
+
+[generate]
+num_images = 120
+shard_size = 40
+batch_size = 40
+steps = 2
+
+[train]
+arch = "small-cnn"
+width = 8
+epochs = 2
+workers = 0
+batch_size = 32
+
+[[students]]
+name = "student"
+
+[[students]]
+name = "student-hard"
+images = 80
+labels = "hard"
+
+[evaluate]
+num_shadows = 4
+members = 60
+epochs = 3
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("pipeline")
+    config = _write(root, TINY_RUN)
+    out = root / "run"
+    report = run_pipeline(load_run_config(config), out)
+    return config, out, report
+
+
+def test_tiny_run_writes_every_stage_and_the_report(tiny_pipeline) -> None:
+    _, out, report = tiny_pipeline
+    for path in ("config.toml", "captions.jsonl", "teacher/metrics.json", "synthetic/index.json",
+                 "student/metrics.json", "student-hard/metrics.json", "report.md", "report.json",
+                 "figures/roc.png", "figures/samples.png"):  # fmt: skip
+        assert (out / path).is_file(), path
+    names = [m["name"] for m in report["models"]]
+    assert names == ["teacher", "student", "student-hard"]
+    for m in report["models"]:
+        assert 0 <= m["test_accuracy"] <= 1
+        assert 0 <= m["privacy"]["max_auc"] <= 1
+        assert m["aop"] > 0
+    # the hard-label student trained on the first 80 images: two whole shards of 40
+    hard = json.loads((out / "student-hard" / "metrics.json").read_text())
+    assert hard["labels"] == "hard"
+    md = (out / "report.md").read_text()
+    assert "| teacher |" in md and "| student-hard |" in md and "AOP" in md
+    # the resolved config repeats the run: loading it gives the same settings
+    again = load_run_config(out / "config.toml")
+    assert again.students == load_run_config(tiny_pipeline[0]).students
+
+
+def test_rerun_skips_finished_stages(tiny_pipeline) -> None:
+    config, out, _ = tiny_pipeline
+    watched = [out / "teacher" / "model.safetensors", out / "student" / "model.safetensors",
+               out / "synthetic" / "shards" / "000000.tar", out / "privacy" / "teacher.json"]  # fmt: skip
+    before = [p.stat().st_mtime_ns for p in watched]
+    report = run_pipeline(load_run_config(config), out)
+    assert [p.stat().st_mtime_ns for p in watched] == before
+    assert report["seconds"]["teacher"] < 5 and report["seconds"]["train"] < 5
+
+
+def test_changed_student_settings_redo_only_that_student(tiny_pipeline, tmp_path) -> None:
+    _, out, _ = tiny_pipeline
+    teacher_mtime = (out / "teacher" / "model.safetensors").stat().st_mtime_ns
+    hard_mtime = (out / "student-hard" / "model.safetensors").stat().st_mtime_ns
+    changed = _write(tmp_path, TINY_RUN.replace('name = "student"\n', 'name = "student"\nepochs = 1\n'))
+    run_pipeline(load_run_config(changed), out)
+    metrics = json.loads((out / "student" / "metrics.json").read_text())
+    assert metrics["config"]["epochs"] == 1
+    assert (out / "teacher" / "model.safetensors").stat().st_mtime_ns == teacher_mtime
+    assert (out / "student-hard" / "model.safetensors").stat().st_mtime_ns == hard_mtime
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("[caption]", "[captions]"), "unknown key"),
+        (('captioner = "attributes"', 'captioner = "blip"'), "captioner must be one of"),
+        (('mode = "reuse"', 'mode = "dreambooth"'), "mode must be one of"),
+        (("epochs = 2\nwidth = 8", "epochs = 0\nwidth = 8"), "epochs must be a positive integer"),
+        (('name = "student-hard"', 'name = "Student Hard"'), "name must be"),
+        (('labels = "hard"', 'labels = "fuzzy"'), "labels must be one of"),
+        (("num_shadows = 4", "num_shadows = 4\nshadows = 3"), "unknown key"),
+        (('dataset = "digits"', 'dataset = "/nonexistent/data"'), "does not exist"),
+        (("steps = 2", "steps = 2\nmodel = 'fmnist'"), "set by the pipeline"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(tmp_path, change, message) -> None:
+    text = TINY_RUN.replace(*change)
+    assert text != TINY_RUN
+    with pytest.raises(TckrError, match=message) as err:
+        load_run_config(_write(tmp_path, text))
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_force_stage_is_refused(tmp_path) -> None:
+    with pytest.raises(TckrError, match="unknown stage"):
+        run_pipeline(load_run_config(_write(tmp_path, TINY_RUN)), tmp_path / "out", force=("teachr",))
+
+
+def test_cli_run_prints_the_report_path_and_table(tiny_pipeline, cli) -> None:
+    config, out, _ = tiny_pipeline
+    result = cli("run", str(config), "--out", str(out))
+    assert result.code == 0, result.err
+    assert "report.md" in result.err and "| teacher |" in result.out
+
+
+def test_cli_evaluate_reuses_the_run_shadows(tiny_pipeline, cli) -> None:
+    """`evaluate` on the run's privacy folder attacks with the shadows `run` trained, training none."""
+    _, out, report = tiny_pipeline
+    shadows = out / "privacy" / "shadows"
+    before = sorted(p.stat().st_mtime_ns for p in shadows.rglob("*.safetensors"))
+    args = ["--teacher", out / "teacher", "--out", out / "privacy", "--num-shadows", "4", "--members", "60"]
+    result = cli("evaluate", f"hard={out / 'student-hard'}", *args, "--epochs", "3", "--threads", "1")
+    assert result.code == 0, result.err
+    assert sorted(p.stat().st_mtime_ns for p in shadows.rglob("*.safetensors")) == before
+    again = json.loads((out / "privacy" / "hard.json").read_text())
+    run_result = next(m for m in report["models"] if m["name"] == "student-hard")
+    assert again["privacy"]["max_auc"] == run_result["privacy"]["max_auc"]
+    assert "| hard |" in result.out and "| teacher |" in result.out
