@@ -95,7 +95,10 @@ def _images_per_second() -> Any:
 @app.command()
 def generate(
     shards: Annotated[
-        Path, typer.Option("--shards", help="Output shard folder (created; resumed if it exists).")
+        str,
+        typer.Option(
+            "--shards", help="Output shard folder or fsspec URL (file://, s3://, ...); resumed if it exists."
+        ),
     ],
     model: Annotated[str | None, typer.Option(help="Generator: a preset name or a folder.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Real dataset giving class names and indices.")] = None,
@@ -110,7 +113,13 @@ def generate(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | fp16")] = None,
     attention: Annotated[str | None, typer.Option(help="auto | sdpa | triton | xformers")] = None,
-    backend: Annotated[str | None, typer.Option(help="torch | compile | onnxruntime | tensorrt")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="Denoiser: torch | compile | onnxruntime | tensorrt. 'ray' is an alias for "
+            "--distributor ray with the torch denoiser."
+        ),
+    ] = None,
     captions: Annotated[Path | None, typer.Option(help="Captions JSONL from 'tckr-engine caption'.")] = None,
     prompt_template: Annotated[
         str | None, typer.Option("--prompt-template", help="Without captions.")
@@ -124,14 +133,56 @@ def generate(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a folder holding another run.")
     ] = False,
-    writers: Annotated[int, typer.Option(help="Encoding threads.")] = 2,
+    writers: Annotated[int, typer.Option(help="Encoding threads (per process or Ray worker).")] = 2,
+    distributor: Annotated[
+        str | None,
+        typer.Option(
+            help="local | ray. local runs in this process, or rank-strided when launched by torchrun/srun "
+            "(RANK/WORLD_SIZE, SLURM_PROCID/SLURM_STEP_NUM_TASKS). Never changes the shards."
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Ray: cluster address ('auto', 'ray://HOST:10001'); default: the running "
+            "cluster, else a new local one.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray: actors, each holding the model (default: what the cluster fits).")
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option("--gpus-per-worker", help="Ray: GPUs per actor (default 1 on cuda).")
+    ] = None,
+    max_retries: Annotated[
+        int, typer.Option("--max-retries", help="Ray: retries of a failed shard (a dead worker included).")
+    ] = 3,
+    rank: Annotated[
+        int | None, typer.Option(help="Rank-strided: this process's rank (default: RANK or SLURM_PROCID).")
+    ] = None,
+    world_size: Annotated[
+        int | None,
+        typer.Option("--world-size", help="Rank-strided: number of processes (default: WORLD_SIZE, or 1)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate a synthetic dataset into sharded WebDataset tars (resumable, deterministic)."""
     _setup_logging(verbose)
     from tckr_engine.config import GenerateConfig, generate_config_from_toml
+    from tckr_engine.engine.distributed import distribution_from_options
     from tckr_engine.engine.generate import generate as run_generate
 
+    dist, backend = distribution_from_options(
+        backend,
+        distributor,
+        rank=rank,
+        world_size=world_size,
+        ray_address=ray_address,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        max_retries=max_retries,
+    )
     base = generate_config_from_toml(config) if config is not None else GenerateConfig()
     cfg = base.merged(
         {
@@ -158,12 +209,19 @@ def generate(
     ).validate()
     if writers < 1:
         raise TckrError(f"writers must be a positive integer, got {writers}")
-    with _bar("generate", _images_per_second()) as bar:
+    label = f"generate {dist.rank}/{dist.world_size}" if dist.strided else "generate"
+    with _bar(label, _images_per_second()) as bar:
         summary = run_generate(
-            cfg, shards, overwrite=overwrite, writers=writers, progress=_RichProgress(bar, "generate")
+            cfg,
+            shards,
+            overwrite=overwrite,
+            writers=writers,
+            progress=_RichProgress(bar, label),
+            distribution=dist,
         )
+    mine = f" (rank {dist.rank} of {dist.world_size})" if dist.strided else ""
     console.print(
-        f"[green]done[/green]: {summary.images} images in {summary.shards} shards at {summary.out} "
+        f"[green]done[/green]: {summary.images} images in {summary.shards} shards{mine} at {summary.out} "
         f"({summary.generated} generated in {summary.seconds:.1f} s, "
         f"{summary.images_per_second:.2f} images/s)"
     )
@@ -171,19 +229,26 @@ def generate(
 
 @app.command()
 def verify(
-    shards: Annotated[Path, typer.Argument(help="Shard folder written by 'generate'.")],
+    shards: Annotated[str, typer.Argument(help="Shard folder or fsspec URL written by 'generate'.")],
+    write_index: Annotated[
+        bool,
+        typer.Option(
+            "--write-index", help="Write index.json when every shard is intact (rank-strided merge)."
+        ),
+    ] = False,
 ) -> None:
     """Check every shard against its stats file; exit 1 naming each missing or corrupt shard."""
     _setup_logging(False)
     from tckr_engine.engine.generate import verify as run_verify
 
-    problems = run_verify(shards)
+    problems = run_verify(shards, write_index_file=write_index)
     for name, problem in problems:
-        console.print(f"[red]bad[/red] {shards / name}: {problem}")
+        console.print(f"[red]bad[/red] {shards.rstrip('/')}/{name}: {problem}")
     if problems:
         console.print(f"{len(problems)} problem(s) in {shards}; rerun the same 'generate' command to repair")
         raise typer.Exit(1)
-    console.print(f"[green]ok[/green]: every shard in {shards} agrees with its stats file")
+    done = "; index.json written" if write_index else ""
+    console.print(f"[green]ok[/green]: every shard in {shards} agrees with its stats file{done}")
 
 
 @app.command()

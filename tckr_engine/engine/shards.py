@@ -2,8 +2,9 @@
 stats files, index and verification.
 
 OUT/run.json, OUT/shards/NNNNNN.tar, OUT/shards/NNNNNN_stats.json (written last), OUT/index.json.
-A tar is written to `.NNNNNN.tar.tmp`, flushed and fsynced, then renamed; the stats file follows the same
-way. A shard is complete iff its stats file parses and agrees with the tar (size and sha256).
+OUT is a local folder or any fsspec URL (store.py): a tar is written to a hidden `.NNNNNN.tar.<random>.tmp`,
+flushed (fsynced on disk), then renamed, or put whole where the store cannot rename; the stats file follows
+the same way. A shard is complete iff its stats file parses and agrees with the tar (size and sha256).
 Tar members have fixed mtime/owner/mode, so a shard's bytes are a pure function of its samples.
 """
 
@@ -12,16 +13,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tckr_engine.engine.store import Store, is_temp_name, open_store
 from tckr_engine.errors import TckrError
-from tckr_engine.fsutil import atomic_write, write_json
+
+Location = Store | str | Path  # a shard folder: local path, fsspec URL or Store
 
 RUN_FILE = "run.json"
 INDEX_FILE = "index.json"
@@ -122,13 +126,34 @@ class ShardStats:
         }
 
 
-def commit_shard(out: Path, shard: int, data: bytes, count: int, seconds: float) -> ShardStats:
-    """Commit protocol: tar first (tmp + fsync + rename), then its stats file, the commit marker."""
-    folder = out / SHARD_DIR
+def tar_path(shard: int) -> str:
+    """The tar's path relative to the shard folder (what index.json lists)."""
+    return f"{SHARD_DIR}/{tar_name(shard)}"
+
+
+def stats_path(shard: int) -> str:
+    return f"{SHARD_DIR}/{stats_name(shard)}"
+
+
+def commit_shard(out: Location, shard: int, data: bytes, count: int, seconds: float) -> ShardStats:
+    """Commit protocol: tar first (temp + rename, or one PUT), then its stats file, the commit marker.
+
+    Committing bytes that are already committed (a re-issued straggler finishing second, two ranks given
+    the same shard) leaves the folder untouched, so a second writer never un-commits the first one's shard.
+    """
+    store = open_store(out)
     stats = ShardStats(shard, count, len(data), hashlib.sha256(data).hexdigest(), seconds)
-    (folder / stats_name(shard)).unlink(missing_ok=True)  # a stale marker must never vouch for a new tar
-    atomic_write(folder / tar_name(shard), data)
-    write_json(folder / stats_name(shard), stats.to_json())
+    previous = read_stats(store, shard)
+    if (
+        previous is not None
+        and previous.get("sha256") == stats.sha256
+        and store.size(tar_path(shard)) == stats.bytes
+        and store.sha256(tar_path(shard)) == stats.sha256
+    ):
+        return stats
+    store.remove(stats_path(shard))  # a stale marker must never vouch for a new tar
+    store.write(tar_path(shard), data)
+    store.write_json(stats_path(shard), stats.to_json())
     return stats
 
 
@@ -140,43 +165,49 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_stats(out: Path, shard: int) -> dict[str, Any] | None:
+def read_stats(out: Location, shard: int) -> dict[str, Any] | None:
+    store = open_store(out)
     try:
-        stats = json.loads((out / SHARD_DIR / stats_name(shard)).read_text())
-    except (OSError, json.JSONDecodeError):
+        stats = store.read_json(stats_path(shard))
+    except (OSError, ValueError):  # missing, unreadable, or not JSON
         return None
     return stats if isinstance(stats, dict) else None
 
 
-def shard_problem(out: Path, shard: int, expected_count: int | None = None, deep: bool = False) -> str | None:
+def shard_problem(
+    out: Location, shard: int, expected_count: int | None = None, deep: bool = False
+) -> str | None:
     """None when the shard is committed and agrees with its stats; else what is wrong, in words.
 
     `deep` also opens the tar and decodes every sample (what `verify` does).
     """
-    tar = out / SHARD_DIR / tar_name(shard)
-    stats = read_stats(out, shard)
+    store = open_store(out)
+    tar = tar_path(shard)
+    stats = read_stats(store, shard)
+    size = store.size(tar)
     if stats is None:
-        return "missing" if not tar.exists() else "no valid stats file (not committed)"
-    if not tar.is_file():
+        return "missing" if size is None else "no valid stats file (not committed)"
+    if size is None:
         return "stats file present but the tar is missing"
-    if tar.stat().st_size != stats.get("bytes"):
-        return f"size {tar.stat().st_size} disagrees with stats ({stats.get('bytes')} bytes)"
-    if file_sha256(tar) != stats.get("sha256"):
+    if size != stats.get("bytes"):
+        return f"size {size} disagrees with stats ({stats.get('bytes')} bytes)"
+    if store.sha256(tar) != stats.get("sha256"):
         return "sha256 disagrees with stats (corrupt or modified)"
     if expected_count is not None and stats.get("count") != expected_count:
         return f"holds {stats.get('count')} samples, the run expects {expected_count}"
     if deep:
-        return _deep_check(tar, shard, int(stats.get("count", -1)))
+        with store.open(tar) as f:
+            return _deep_check(f, shard, int(stats.get("count", -1)))
     return None
 
 
-def _deep_check(tar_path: Path, shard: int, count: int) -> str | None:
-    """Open the tar, group members by key, decode every file."""
+def _deep_check(fileobj: Any, shard: int, count: int) -> str | None:
+    """Read the tar, group members by key, decode every file."""
     from PIL import Image
 
     samples: dict[str, set[str]] = {}
     try:
-        with tarfile.open(tar_path) as tar:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if not key.startswith(f"{shard:06d}") or len(key) != 11:
@@ -201,22 +232,43 @@ def _deep_check(tar_path: Path, shard: int, count: int) -> str | None:
     return None
 
 
-def write_index(out: Path, num_shards: int) -> dict[str, Any]:
+def all_committed(out: Location, num_shards: int) -> bool:
+    """Every shard has a stats file (cheap: no hashing; `verify` does the deep check)."""
+    store = open_store(out)
+    return all(read_stats(store, shard) is not None for shard in range(num_shards))
+
+
+def write_index(out: Location, num_shards: int) -> dict[str, Any]:
     """wids-style index of all committed shards."""
+    store = open_store(out)
     shardlist = []
     for shard in range(num_shards):
-        stats = read_stats(out, shard)
+        stats = read_stats(store, shard)
         if stats is None:
             raise TckrError(f"cannot write the index: shard {shard} is not committed")
-        shardlist.append({"url": f"{SHARD_DIR}/{tar_name(shard)}", "nsamples": stats["count"]})
+        shardlist.append({"url": tar_path(shard), "nsamples": stats["count"]})
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": shardlist}
-    write_json(out / INDEX_FILE, index)
+    store.write_json(INDEX_FILE, index)
     return index
 
 
-def remove_temp_files(out: Path) -> None:
-    """Remove leftovers of a crashed run (hidden .tmp files); they are never mistaken for shards."""
-    for folder in (out, out / SHARD_DIR):
-        if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
+def temp_file_shard(name: str) -> int | None:
+    """The shard a temp file belongs to (".000012.tar.<random>.tmp" -> 12), None for folder-level files."""
+    digits = name[1:7]
+    return int(digits) if len(name) > 7 and digits.isdigit() and name[7] in "._" else None
+
+
+def remove_temp_files(out: Location, owns: Callable[[int], bool] | None = None) -> None:
+    """Remove leftovers of a crashed run (hidden .tmp files); they are never mistaken for shards.
+
+    `owns(shard)` limits the sweep to the temp files of one rank's shards (a rank must never delete a file
+    another rank is writing); folder-level temp files are then left alone (harmless, hidden).
+    """
+    store = open_store(out)
+    for folder in ("", SHARD_DIR):
+        for name in store.listdir(folder):
+            if not is_temp_name(name):
+                continue
+            shard = temp_file_shard(name) if folder else None
+            if owns is None or (shard is not None and owns(shard)):
+                store.remove(posixpath.join(folder, name) if folder else name)

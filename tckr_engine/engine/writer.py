@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tckr_engine.engine.scheduler import Batch
-from tckr_engine.engine.shards import ShardStats, commit_shard, encode_sample, tar_bytes
+from tckr_engine.engine.shards import Location, ShardStats, commit_shard, encode_sample, tar_bytes
+from tckr_engine.engine.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,14 @@ class ShardWriterPool:
 
     def __init__(
         self,
-        out: Path,
+        out: Location,
         image_format: str,
         quality: int,
         workers: int = 2,
         max_pending: int = 8,
         on_commit: Callable[[ShardStats], None] | None = None,
     ) -> None:
-        self.out = out
+        self.out = open_store(out)
         self.image_format = image_format
         self.quality = quality
         self.on_commit = on_commit
