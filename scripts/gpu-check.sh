@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should measure, in one call of under 10 minutes:
 #   run(command="bash scripts/gpu-check.sh", carry=[".whl"])     (after scripts/fetch-gpu-wheels.sh here)
-# Installs the carried wheels, runs the GPU tests, the attention-kernel benchmark and an sd15-arch generation
-# throughput run, and writes everything under $OUT (logs, CSV/JSON) with device, versions and git sha.
+# Installs the carried wheels, runs the GPU tests, the attention-kernel benchmark and `tckr-engine bench` on
+# sd15-arch, and writes everything under $OUT (logs, CSV/JSON) with device, versions and git sha.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -24,10 +24,9 @@ timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$O
 echo "== attention kernel benchmark"
 timeout 180 python3 -m tckr_engine.bench.kernels --out-dir "$OUT" --device cuda 2>&1 | tee "$OUT/kernel-bench.log" | tail -25
 
-echo "== sd15-arch generation throughput (512 px, 20 steps, CFG 2, fp16)"
-for attn in sdpa triton; do
-  timeout 150 python3 -m tckr_engine.cli generate --shards "/tmp/gen-$attn" --model sd15-arch --dataset digits \
-    --device cuda --dtype fp16 --attention "$attn" --num-images 64 --shard-size 64 --batch-size 16 --steps 20 \
-    --format jpg --overwrite 2>&1 | tail -2 | tee -a "$OUT/generate.log"
-done
+echo "== tckr-engine bench: sd15-arch at 512 px, 20 steps, CFG 2, fp16, beside the plain diffusers pipeline"
+timeout 330 python3 -m tckr_engine.cli bench --preset sd15-arch --device cuda --dtype fp16 --batch-sizes 8 \
+  --images 32 --repeats 2 --backends torch,compile,onnxruntime,tensorrt --attention sdpa,triton,xformers \
+  --train-steps 32 --out "$OUT/bench" --note "scripts/gpu-check.sh" 2>&1 | tee "$OUT/bench.log" | tail -25
+
 ls -la "$OUT"

@@ -482,6 +482,99 @@ def export(
 
 
 @app.command()
+def bench(
+    preset: Annotated[str, typer.Option(help="tiny-fmnist | sd15-arch | any preset, fmnist or a folder.")] = (
+        "tiny-fmnist"
+    ),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma list, e.g. 64,128.")] = "64",
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 2.0,
+    sampler: Annotated[str, typer.Option(help="ddim | dpm++ | euler")] = "dpm++",
+    images: Annotated[int, typer.Option(help="Images per row and repeat (rounded to whole batches).")] = 192,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per row (median and spread).")] = 3,
+    backends: Annotated[str, typer.Option(help="Comma list of torch,compile,onnxruntime,tensorrt.")] = (
+        "torch,compile,onnxruntime,tensorrt"
+    ),
+    attention: Annotated[
+        str, typer.Option(help="Comma list of sdpa,triton,xformers.")
+    ] = "sdpa,triton,xformers",
+    dataset: Annotated[str | None, typer.Option(help="Class names for the prompts (default: auto).")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Override a preset's size.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for every row.")] = None,
+    writers: Annotated[int, typer.Option(help="Engine encoding threads.")] = 2,
+    train_steps: Annotated[
+        int, typer.Option("--train-steps", help="Trainer row: steps per mode (0: no trainer row).")
+    ] = 16,
+    train_batch_size: Annotated[int, typer.Option("--train-batch-size")] = 128,
+    train_workers: Annotated[
+        int | None,
+        typer.Option("--train-workers", help="Trainer row: DataLoader workers (default: the trainer's)."),
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    note: Annotated[str, typer.Option(help="Free text stored with the results (e.g. machine state).")] = "",
+    out: Annotated[Path, typer.Option("--out", help="Folder for the CSV, JSON and plot.")] = Path(
+        "docs/bench"
+    ),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Images/sec of the engine per backend x attention beside a plain diffusers pipeline (+ trainer row)."""
+    _setup_logging(verbose)
+    from tckr_engine.bench.throughput import BenchConfig, BenchProgress, format_table, run_bench
+
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    try:
+        sizes = tuple(int(x) for x in split(batch_sizes))
+    except ValueError:
+        raise TckrError(f"--batch-sizes must be a comma list of integers, got {batch_sizes!r}") from None
+    cfg = BenchConfig(
+        preset=preset,
+        dataset=dataset,
+        device=device,
+        dtype=dtype,
+        batch_sizes=sizes,
+        steps=steps,
+        guidance=guidance,
+        sampler=sampler,
+        images=images,
+        repeats=repeats,
+        backends=split(backends),
+        attention=split(attention),
+        threads=threads,
+        writers=writers,
+        seed=seed,
+        image_size=image_size,
+        train_steps=train_steps,
+        train_batch_size=train_batch_size,
+        train_workers=train_workers,
+        note=note,
+    ).validate()
+
+    with _bar("bench", TextColumn("{task.description}"), _images_per_second()) as bar:
+
+        class Show(BenchProgress):
+            task: Any = None
+
+            def status(self, line: str) -> None:
+                bar.console.print(f"[dim]bench[/dim] {line}", highlight=False)
+
+            def start(self, label: str, total: int) -> None:
+                if self.task is not None:
+                    bar.remove_task(self.task)
+                self.task = bar.add_task(label, total=total)
+
+            def advance(self, n: int) -> None:
+                bar.advance(self.task, n)
+
+        result = run_bench(cfg, out, progress=Show())
+    typer.echo(format_table(result))
+    console.print(f"[green]done[/green]: {', '.join(result['files'].values())}")
+
+
+@app.command()
 def presets() -> None:
     """List the built-in generator presets."""
     from tckr_engine.models.generator import list_presets

@@ -1,0 +1,159 @@
+"""Benchmark output: CSV + JSON + bar plot into the output folder, and the short terminal table.
+
+File names carry the model and the device type (`throughput-<model>-<cpu|cuda>.{csv,json,png}`), so CPU
+and GPU results of several models live side by side in `docs/bench/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from tckr_engine.fsutil import atomic_write
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    "kind", "name", "backend", "attention", "batch_size", "images", "steps", "guidance", "dtype", "status",
+    "images_per_s", "images_per_s_min", "images_per_s_max", "seconds_median", "spread_pct", "repeats",
+    "ratio_to_baseline", "ms_per_step", "setup_s", "warmup_s", "peak_mem_mb", "gflops_per_image",
+    "achieved_gflops_per_s", "fraction_of_peak", "fraction_of_matmul", "max_abs_diff", "diff_pixels_pct",
+    "repeats_identical", "notes", "device", "threads", "torch", "diffusers", "git_sha",
+]  # fmt: skip
+
+
+def stem(model: str, device_type: str) -> str:
+    name = Path(model).name if ("/" in model or model.startswith(".")) else model
+    return f"throughput-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{device_type}"
+
+
+def write_results(out_dir: Path, result: dict[str, Any]) -> dict[str, str]:
+    """Write `<stem>.csv`, `<stem>.json` and `<stem>.png`; returns what was written, by kind."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = stem(result["config"]["preset"], result["meta"]["device_type"])
+    files = {"csv": out_dir / f"{base}.csv", "json": out_dir / f"{base}.json", "png": out_dir / f"{base}.png"}
+    meta = result["meta"]
+    with open(files["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in result["rows"]:
+            writer.writerow(
+                {
+                    **row,
+                    "device": meta["device"],
+                    "threads": meta["threads"],
+                    "torch": meta["versions"]["torch"],
+                    "diffusers": meta["versions"]["diffusers"],
+                    "git_sha": meta["git_sha"],
+                }
+            )
+    atomic_write(files["json"], (json.dumps(result, indent=1, default=str) + "\n").encode())
+    if not _plot(files["png"], result):
+        del files["png"]
+    return {k: str(v) for k, v in files.items()}
+
+
+def _label(row: dict[str, Any]) -> str:
+    if row["kind"] == "train":
+        return row["name"]
+    if row["backend"] == "diffusers":
+        return f"b{row['batch_size']} diffusers"
+    return f"b{row['batch_size']} {row['backend']}/{row['attention']}"
+
+
+def _plot(path: Path, result: dict[str, Any]) -> bool:
+    """Horizontal bars: images/s of every measured generation row (ratio and pixel difference written on
+    each bar), and the trainer's samples/s streaming vs in memory. False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: no plot")
+        return False
+    gen = [r for r in result["rows"] if r["kind"] == "generate" and r["status"] == "ok"]
+    train = [r for r in result["rows"] if r["kind"] == "train" and r["status"] == "ok"]
+    panels = [p for p in (gen, train) if p]
+    if not panels:
+        return False
+    heights = [max(1.6, 0.45 * len(p) + 0.9) for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})  # fmt: skip
+    for ax, rows in zip(axes[:, 0], panels, strict=True):
+        labels = [_label(r) for r in rows]
+        values = [r["images_per_s"] for r in rows]
+        lo = [r["images_per_s"] - (r.get("images_per_s_min") or r["images_per_s"]) for r in rows]
+        hi = [(r.get("images_per_s_max") or r["images_per_s"]) - r["images_per_s"] for r in rows]
+        colors = ["0.6" if r["backend"] in ("diffusers", "memory") else "tab:blue" for r in rows]
+        ax.barh(range(len(rows)), values, xerr=[lo, hi], color=colors, capsize=3)
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        for i, r in enumerate(rows):
+            ratio = r.get("ratio_to_baseline")
+            text = f" {r['images_per_s']:.3g}"
+            if ratio is not None:
+                text += f"  x{ratio:.2f}"
+            if r.get("max_abs_diff") is not None:
+                text += f"  max|diff| {r['max_abs_diff']}"
+            ax.text(values[i] + hi[i], i, text, va="center", fontsize=7)
+        is_train = rows[0]["kind"] == "train"
+        ax.set_xlabel("training samples / s" if is_train else "images / s (end to end, files written)")
+        ax.set_xlim(0, max(values) * 1.45)
+    meta, cfg = result["meta"], result["config"]
+    title = (
+        f"{cfg['preset']} {cfg['steps']} steps, guidance {cfg['guidance']} | {meta['device']} | "
+        f"torch {meta['versions']['torch']} | {meta['git_sha'][:10]}"
+    )
+    if meta.get("note"):
+        title += f"\n{meta['note']}"
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _fmt(value: Any, spec: str) -> str:
+    """`format(value, spec)`, or a dash padded to the spec's width when there is no value."""
+    if value is None:
+        width = spec.split(".")[0].rstrip("dfg") or "0"
+        return "-".rjust(int(width))
+    return format(value, spec)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The short terminal table: one line per row."""
+    head = (
+        f"{'row':28s} {'img/s':>8s} {'min-max':>13s} {'ratio':>6s} {'ms/step':>8s} {'peak MB':>8s} "
+        f"{'GFLOP/s':>8s} {'%peak':>6s} {'max|d|':>6s}  status"
+    )
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"{_label(r):28s} {r['status']}"[:160])
+            continue
+        span = (
+            f"{r['images_per_s_min']:.3g}-{r['images_per_s_max']:.3g}" if r.get("images_per_s_min") else "-"
+        )
+        frac = r.get("fraction_of_peak")
+        if frac is None:
+            frac = r.get("fraction_of_matmul")
+        cells = [
+            f"{_label(r):28s}",
+            f"{r['images_per_s']:8.3g}",
+            f"{span:>13s}",
+            _fmt(r.get("ratio_to_baseline"), "6.2f"),
+            _fmt(r.get("ms_per_step"), "8.1f"),
+            _fmt(r.get("peak_mem_mb"), "8.0f"),
+            _fmt(r.get("achieved_gflops_per_s"), "8.1f"),
+            _fmt(None if frac is None else 100 * frac, "6.1f"),
+            _fmt(r.get("max_abs_diff"), "6d"),
+        ]
+        status = r.get("notes", "")[:60] if r["kind"] == "train" else "ok"
+        lines.append(" ".join(cells) + "  " + status)
+    return "\n".join(lines)

@@ -1,0 +1,506 @@
+"""`tckr-engine bench`: images/sec of the engine per backend x attention, beside a plain diffusers baseline.
+
+One process, one run (DESIGN.md "Performance measurement", issue 8). For every batch size:
+1. the run spec is resolved once (`engine.spec.resolve`), so baseline and engine share the UNet, the
+   diffusers scheduler class and config, steps, guidance, prompts and per-image seeds;
+2. every contender is set up and warmed up on one batch (model export / session / engine build = `setup_s`,
+   first batch incl. compilation = `warmup_s`; both reported, never timed): the diffusers baseline
+   (`bench/baseline.py`) and the engine per backend x attention (`generate_shards` with a prebuilt Engine:
+   the writer pool encodes PNGs and commits shard tars);
+3. `repeats` timed rounds; inside a round the contenders run one after the other, so slow drifts of the
+   machine (other jobs, thermal) hit all of them alike. Each timed run generates all images end to end into
+   a fresh folder (files on disk), with the device synchronised before and after;
+4. per row: median images/sec with the slowest/fastest repeat, ratio to the baseline's median, wall ms per
+   denoising step of one batch, peak memory, FLOPs per image (`bench/flops.py`) and the achieved rate,
+   max |pixel difference| to the baseline's saved images for the same keys, and whether every repeat wrote
+   byte-identical files.
+Then the trainer row (`bench/trainer.py`) on the first engine row's shards. Results: `bench/results.py`.
+Backends or attention kernels that cannot run here get a row whose status says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import hashlib
+import logging
+import math
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tckr_engine.bench.baseline import make_baseline, read_pngs, run_baseline
+from tckr_engine.bench.flops import (
+    PeakMemory,
+    device_name,
+    device_peak,
+    generation_flops,
+    measured_matmul_tflops,
+)
+from tckr_engine.bench.kernels import git_sha
+from tckr_engine.bench.results import format_table, write_results
+from tckr_engine.bench.trainer import read_tar_images, trainer_throughput
+from tckr_engine.config import ATTENTION, BACKENDS, SAMPLERS, GenerateConfig, check_positive
+from tckr_engine.engine.scheduler import BatchScheduler
+from tckr_engine.engine.spec import DTYPES, Resources, resolve, resolve_device, versions
+from tckr_engine.errors import TckrError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BenchConfig", "BenchProgress", "format_table", "run_bench"]
+
+
+@dataclass
+class BenchConfig:
+    """What `tckr-engine bench` measures; `validate()` gives one-line errors."""
+
+    preset: str = "tiny-fmnist"  # a preset, an embedded generator (fmnist) or a generator folder
+    dataset: str | None = None  # class names for the prompts; None: digits for *digits*, else fashion-mnist
+    device: str = "auto"
+    dtype: str = "auto"  # fp32 on the CPU, fp16 on a GPU
+    batch_sizes: tuple[int, ...] = (64,)
+    steps: int = 20  # TCKR's generation settings (REFERENCE.md §1.3)
+    guidance: float = 2.0
+    sampler: str = "dpm++"
+    images: int = 192  # per row and repeat; rounded up to a multiple of each batch size
+    repeats: int = 3
+    backends: tuple[str, ...] = BACKENDS
+    attention: tuple[str, ...] = ("sdpa", "triton", "xformers")
+    threads: int | None = None  # CPU threads for everything (baseline, engine, trainer); None: torch's
+    writers: int = 2  # the engine's encoding threads (generate's default)
+    seed: int = 0
+    image_size: int | None = None  # override a preset's resolution
+    train_steps: int = 16  # trainer row: optimiser steps per mode; 0 leaves the row out
+    train_batch_size: int = 128
+    train_workers: int | None = None  # DataLoader workers of the stream; None: the trainer's default
+    note: str = ""  # free text recorded with the results (e.g. "contended machine")
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def validate(self) -> BenchConfig:
+        if not self.batch_sizes:
+            raise TckrError("batch_sizes must list at least one batch size")
+        for b in self.batch_sizes:
+            check_positive("batch size", b, hi=65_536)
+        check_positive("steps", self.steps, hi=1000)
+        check_positive("images", self.images)
+        check_positive("repeats", self.repeats, hi=100)
+        check_positive("writers", self.writers, hi=64)
+        check_positive("train_batch_size", self.train_batch_size)
+        if self.threads is not None:
+            check_positive("threads", self.threads, hi=1024)
+        if (
+            isinstance(self.train_steps, bool)
+            or not isinstance(self.train_steps, int)
+            or self.train_steps < 0
+        ):
+            raise TckrError(f"train_steps must be a non-negative integer, got {self.train_steps!r}")
+        if not isinstance(self.guidance, int | float) or self.guidance < 0:
+            raise TckrError(f"guidance must be a number >= 0, got {self.guidance!r}")
+        if self.sampler not in SAMPLERS:
+            raise TckrError(f"sampler must be one of {', '.join(SAMPLERS)}; got {self.sampler!r}")
+        bad = [b for b in self.backends if b not in BACKENDS]
+        if bad or not self.backends:
+            raise TckrError(
+                f"backends must be a list of {', '.join(BACKENDS)}; got {', '.join(bad) or 'none'}"
+            )
+        choices = [a for a in ATTENTION if a != "auto"]
+        bad = [a for a in self.attention if a not in choices]
+        if bad or not self.attention:
+            raise TckrError(
+                f"attention must be a list of {', '.join(choices)}; got {', '.join(bad) or 'none'}"
+            )
+        return self
+
+
+class BenchProgress:
+    """Callbacks for a progress display; the library never prints."""
+
+    def status(self, line: str) -> None: ...
+
+    def start(self, label: str, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _digest(folder: Path, pattern: str) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob(pattern)):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Contender:
+    """One row being measured: `prepare(folder)` then the timed `run(folder, on_batch)`."""
+
+    name: str  # "diffusers" or "engine"
+    backend: str
+    attention: str
+    status: str = "ok"
+    setup_s: float | None = None
+    warmup_s: float | None = None
+    seconds: list[float] = field(default_factory=list)
+    peak_mb: list[float] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+    last: Path | None = None  # output folder of the last repeat
+    notes: str = ""
+    prepare: Callable[[Path], None] = lambda folder: None
+    run: Callable[[Path, Callable[[int], None]], None] | None = None
+    pattern: str = "*.tar"  # output files whose bytes are compared across repeats
+
+    @property
+    def slug(self) -> str:
+        return f"{self.name}-{self.backend}-{self.attention}"
+
+
+def _fail(c: Contender, e: BaseException) -> None:
+    first = (str(e).strip().splitlines() or [""])[0]
+    c.status = f"skipped: {first}" if isinstance(e, TckrError) else f"failed: {type(e).__name__}: {first}"
+    c.status = c.status[:300]
+    log.info("%s %s/%s: %s", c.name, c.backend, c.attention, c.status)
+
+
+def _baseline_contender(
+    run: dict[str, Any], resources: Resources, batches: list, device: torch.device
+) -> Contender:
+    c = Contender("diffusers", "diffusers", "sdpa", pattern="*.png")
+    try:
+        t0 = time.perf_counter()
+        baseline = make_baseline(resources.generator, run["spec"])
+        c.setup_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        baseline(batches[0])  # warm-up: one batch, not saved
+        _sync(device)
+        c.warmup_s = time.perf_counter() - t0
+        text = baseline.text_seconds(batches[0])
+    except Exception as e:
+        _fail(c, e)
+        return c
+    c.notes = f"{baseline.describe}; per-call prompt encoding {text * 1e3:.0f} ms per batch (included)"
+    c.run = lambda folder, on_batch: run_baseline(baseline, batches, folder, on_batch)
+    return c
+
+
+def _engine_contender(
+    run: dict[str, Any], resources: Resources, backend: str, attention: str, writers: int
+) -> Contender:
+    from tckr_engine.engine.backends import check_backend
+    from tckr_engine.engine.engine import Engine
+    from tckr_engine.engine.generate import generate_shards, prepare_folder
+    from tckr_engine.kernels.processor import check_attention_backend
+
+    graph = backend in ("onnxruntime", "tensorrt")
+    c = Contender("engine", backend, "graph" if graph else attention)  # a graph holds its own attention
+    spec = run["spec"]
+    device = torch.device(spec["device"])
+    try:
+        check_backend(backend, spec["device"], spec["dtype"])
+        if not graph:
+            check_attention_backend(attention)
+            if attention != "sdpa" and device.type != "cuda":
+                raise TckrError(f"attention {attention} needs a CUDA GPU (on the CPU it would run SDPA)")
+        row_spec = {**spec, "backend": backend, "attention": "sdpa" if graph else attention}
+        row_run = {**run, "spec": row_spec}
+        if not graph and attention != "sdpa":  # the processors are swapped in place: use a private UNet
+            gen = copy.copy(resources.generator)
+            gen.unet = copy.deepcopy(gen.unet)
+            resources = dataclasses.replace(resources, generator=gen)
+        t0 = time.perf_counter()
+        engine = Engine(row_spec, resources)  # ONNX export / session / TensorRT build happen here
+        _sync(device)
+        c.setup_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.sample(next(engine.scheduler.schedule([0])))  # compilation / autotuning / first-call costs
+        _sync(device)
+        c.warmup_s = time.perf_counter() - t0
+    except Exception as e:  # one backend that cannot run must not stop the others
+        _fail(c, e)
+        return c
+    c.prepare = lambda folder: prepare_folder(folder, row_run, overwrite=True)
+    c.run = lambda folder, on_batch: generate_shards(
+        row_run, folder, range(row_run["num_shards"]), engine=engine, writers=writers, on_batch=on_batch
+    )
+    return c
+
+
+def _with_batch(run: dict[str, Any], batch: int, images: int) -> dict[str, Any]:
+    """The run spec at another batch size: `images` (a multiple of `batch`) in shards of whole batches."""
+    shard = min(images, batch * max(1, 1024 // batch))
+    out = copy.deepcopy(run)
+    out["spec"].update(batch_size=batch, num_images=images, shard_size=shard)
+    out["num_shards"] = -(-images // shard)
+    return out
+
+
+def _compare(baseline: dict[str, np.ndarray], engine: dict[str, np.ndarray]) -> tuple[int, float]:
+    """(max |difference| in grey levels, % of differing pixel values) over the baseline's keys."""
+    if set(baseline) != set(engine):
+        raise TckrError(f"engine wrote {len(engine)} images, the baseline {len(baseline)}; keys differ")
+    worst, differing, total = 0, 0, 0
+    for key, ref in baseline.items():
+        d = np.abs(engine[key].astype(np.int16) - ref.astype(np.int16))
+        worst, differing, total = max(worst, int(d.max())), differing + int((d > 0).sum()), total + d.size
+    return worst, 100.0 * differing / max(total, 1)
+
+
+def _timed_rounds(
+    contenders: list[Contender], work: Path, repeats: int, device: torch.device, progress: BenchProgress
+) -> None:
+    for r in range(repeats):
+        for c in contenders:
+            if c.status != "ok":
+                continue
+            folder = work / c.slug / f"repeat{r}"
+            try:
+                c.prepare(folder)
+                gc.collect()
+                with PeakMemory(device) as mem:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    c.run(folder, progress.advance)
+                    _sync(device)
+                    c.seconds.append(time.perf_counter() - t0)
+            except Exception as e:
+                _fail(c, e)
+                continue
+            c.peak_mb.append(mem.mb)
+            c.digests.append(_digest(folder, c.pattern))
+            if c.last is not None:
+                shutil.rmtree(c.last, ignore_errors=True)
+            c.last = folder
+
+
+def _row(c: Contender, spec: dict[str, Any], flops: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    n, b, steps = spec["num_images"], spec["batch_size"], spec["steps"]
+    row: dict[str, Any] = {
+        "kind": "generate", "name": c.name, "backend": c.backend, "attention": c.attention, "batch_size": b,
+        "images": n, "steps": steps, "guidance": spec["guidance"], "dtype": spec["dtype"],
+        "status": c.status, "repeats": len(c.seconds), "setup_s": _r(c.setup_s, 3),
+        "warmup_s": _r(c.warmup_s, 3), "notes": c.notes,
+    }  # fmt: skip
+    if c.status != "ok" or not c.seconds:
+        return row
+    med = statistics.median(c.seconds)
+    ips = n / med
+    achieved = flops["flops_per_image"] * ips
+    row.update(
+        images_per_s=_r(ips, 4),
+        images_per_s_min=_r(n / max(c.seconds), 4),
+        images_per_s_max=_r(n / min(c.seconds), 4),
+        seconds_median=_r(med, 4),
+        seconds=[_r(s, 4) for s in c.seconds],
+        spread_pct=_r(100 * (max(c.seconds) - min(c.seconds)) / med, 2),
+        ms_per_step=_r(1e3 * med / (n / b * steps), 3),
+        peak_mem_mb=_r(max(c.peak_mb), 1),
+        gflops_per_image=_r(flops["flops_per_image"] / 1e9, 4),
+        achieved_gflops_per_s=_r(achieved / 1e9, 3),
+        fraction_of_peak=_r(achieved / ref["peak"], 4) if ref.get("peak") else None,
+        fraction_of_matmul=_r(achieved / (ref["matmul"]["tflops"] * 1e12), 4),
+        repeats_identical=len(set(c.digests)) == 1,
+    )
+    return row
+
+
+def _r(x: float | None, nd: int) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def _bench_batch(
+    cfg: BenchConfig, run: dict[str, Any], resources: Resources, work: Path, ref: dict[str, Any],
+    progress: BenchProgress,
+) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+    """The rows of one batch size; also the tar paths of the first engine row (for the trainer row)."""
+    spec = run["spec"]
+    device = torch.device(spec["device"])
+    b = spec["batch_size"]
+    sched = BatchScheduler(spec["num_images"], spec["shard_size"], b, resources.prompts, spec["seed"])
+    batches = [batch.jobs[: batch.n_real] for batch in sched.schedule(range(run["num_shards"]))]
+    contenders: list[Contender] = []
+    progress.status(f"b={b}: setting up the diffusers baseline")
+    contenders.append(_baseline_contender(run, resources, batches, device))
+    for backend in cfg.backends:
+        graph = backend in ("onnxruntime", "tensorrt")
+        for attention in cfg.attention[:1] if graph else cfg.attention:
+            progress.status(f"b={b}: setting up engine {backend}" + ("" if graph else f"/{attention}"))
+            contenders.append(_engine_contender(run, resources, backend, attention, cfg.writers))
+    for c in contenders:
+        what = f"setup {c.setup_s:.1f} s, warm-up {c.warmup_s:.1f} s" if c.status == "ok" else c.status
+        progress.status(f"b={b} {c.backend}/{c.attention}: {what}")
+    ok = [c for c in contenders if c.status == "ok"]
+    progress.start(f"b={b} timed", cfg.repeats * len(ok) * spec["num_images"])
+    _timed_rounds(contenders, work / f"b{b}", cfg.repeats, device, progress)
+
+    base = contenders[0]
+    ref_images = read_pngs(base.last) if base.status == "ok" and base.last else None
+    rows, urls = [], []
+    for c in contenders:
+        row = _row(c, spec, ref["flops"], ref)
+        if c.status == "ok" and c.name == "engine" and c.last is not None:
+            tars = sorted(str(p) for p in c.last.rglob("*.tar"))
+            urls = urls or tars
+            if ref_images is not None:
+                images, _ = read_tar_images(tars)
+                row["max_abs_diff"], pct = _compare(ref_images, images)
+                row["diff_pixels_pct"] = _r(pct, 4)
+        if c.name == "diffusers" and c.status == "ok":
+            row["max_abs_diff"], row["diff_pixels_pct"] = 0, 0.0
+        rows.append(row)
+    base_ips = rows[0].get("images_per_s")
+    for row in rows:
+        if base_ips and row.get("images_per_s"):
+            row["ratio_to_baseline"] = _r(row["images_per_s"] / base_ips, 4)
+        line = f"{row['status']}" if row["status"] != "ok" else (
+            f"{row['images_per_s']:.3g} img/s (x{row.get('ratio_to_baseline') or 0:.2f}), "
+            f"max |diff| {row.get('max_abs_diff')}"
+        )  # fmt: skip
+        progress.status(f"b={b} {row['backend']}/{row['attention']}: {line}")
+    return rows, urls
+
+
+def _meta(cfg: BenchConfig, device: torch.device, dtype: str, threads: int) -> dict[str, Any]:
+    vers = versions()
+    for name in ("onnxruntime", "onnx", "triton", "tensorrt", "xformers"):
+        try:
+            vers[name] = __import__(name).__version__
+        except Exception:  # not installed (or broken): recorded as absent
+            vers[name] = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "dtype": dtype,
+        "threads": threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": vers,
+        "git_sha": git_sha(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "note": cfg.note,
+    }
+
+
+def _dataset(cfg: BenchConfig) -> str:
+    if cfg.dataset:
+        return cfg.dataset
+    if "digits" in cfg.preset:
+        return "digits"
+    from tckr_engine.data import class_names
+
+    try:
+        class_names("fashion-mnist")
+        return "fashion-mnist"
+    except TckrError:
+        log.info("Fashion-MNIST class names unavailable here; prompts use the digits classes")
+        return "digits"
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None = None) -> dict[str, Any]:
+    """Run the benchmark of `cfg` and write its CSV / JSON / plot into `out`; returns the result dict
+    (`config`, `meta`, `flops`, `matmul`, `rows`, `trainer`, `files`)."""
+    cfg.validate()
+    progress = progress or BenchProgress()
+    device_str, dtype = resolve_device(cfg.device, cfg.dtype)
+    device = torch.device(device_str)
+    threads = int(cfg.threads or torch.get_num_threads())
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    first = cfg.batch_sizes[0]
+    gcfg = GenerateConfig(
+        model=cfg.preset, dataset=_dataset(cfg), num_images=math.ceil(cfg.images / first) * first,
+        batch_size=first, steps=cfg.steps, guidance=float(cfg.guidance), sampler=cfg.sampler, seed=cfg.seed,
+        device=device_str, dtype=dtype, attention="sdpa", backend="torch", threads=threads,
+        image_size=cfg.image_size,
+    ).validate()  # fmt: skip
+    progress.status(f"loading {cfg.preset} on {device_str} ({dtype}, {threads} threads)")
+    run, resources = resolve(gcfg)
+    resources.generator.to(device, DTYPES[dtype])
+    meta = _meta(cfg, device, dtype, threads)
+    flops = generation_flops(resources.generator, cfg.steps, cfg.guidance > 1.0)
+    mm_dtype = torch.bfloat16 if device.type == "cuda" else DTYPES[dtype]
+    ref = {"flops": flops, "matmul": measured_matmul_tflops(device, mm_dtype)}
+    ref["peak"] = device_peak(meta["device"], dtype) if device.type == "cuda" else None
+    progress.status(
+        f"{flops['flops_per_image'] / 1e9:.2f} GFLOP per image; measured {ref['matmul']['dtype']} matmul "
+        f"{ref['matmul']['tflops'] * 1e3:.1f} GFLOP/s"
+        + (f", table peak {ref['peak'] / 1e12:.0f} TFLOP/s" if ref["peak"] else "")
+    )
+    rows: list[dict[str, Any]] = []
+    trainer = None
+    with tempfile.TemporaryDirectory(prefix="tckr-bench-") as tmp:
+        work = Path(tmp)
+        urls: list[str] = []
+        for b in cfg.batch_sizes:
+            brun = _with_batch(run, b, math.ceil(cfg.images / b) * b)
+            brows, burls = _bench_batch(cfg, brun, resources, work, ref, progress)
+            rows += brows
+            urls = urls or burls
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if cfg.train_steps:
+            rows += _trainer_rows(cfg, urls, run["spec"]["classes"], device, progress)
+            trainer = rows[-1].pop("_detail", None)
+    result = {
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
+        "meta": meta,
+        "flops": flops,
+        "matmul": ref["matmul"],
+        "device_peak_flops": ref["peak"],
+        "rows": rows,
+        "trainer": trainer,
+    }
+    result["files"] = write_results(Path(out), result)
+    return result
+
+
+def _trainer_rows(
+    cfg: BenchConfig, urls: list[str], classes: list[str], device: torch.device, progress: BenchProgress
+) -> list[dict[str, Any]]:
+    base = {"kind": "train", "attention": "-", "batch_size": cfg.train_batch_size, "steps": cfg.train_steps}
+    if not urls:
+        return [{**base, "name": "trainer", "backend": "-", "status": "skipped: no engine row wrote shards"}]
+    progress.status(f"trainer row: {cfg.train_steps} steps streaming vs in memory")
+    try:
+        t = trainer_throughput(
+            urls, classes, device, cfg.train_batch_size, cfg.train_steps, cfg.train_workers
+        )
+    except Exception as e:
+        status = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
+        return [{**base, "name": "trainer", "backend": "-", "status": status}]
+    note = f"{t['arch']}, AdamW, shift/flip, soft CE (hard labels), {t['images']} engine images"
+    rows = []
+    for mode in ("memory", "stream"):
+        m = t[mode]
+        extra = (
+            f"; {t['workers']} DataLoader workers, shuffle buffer {t['shuffle_buffer']}"
+            if mode == "stream"
+            else ""
+        )
+        rows.append(
+            {
+                **base, "name": f"trainer-{mode}", "backend": mode, "status": "ok",
+                "images": m["samples"], "images_per_s": m["samples_per_s"], "seconds_median": m["seconds"],
+                "repeats": 1, "ratio_to_baseline": 1.0 if mode == "memory" else t["stream_vs_memory"],
+                "notes": note + extra,
+            }
+        )  # fmt: skip
+    mem, stream, pct = t["memory"]["samples_per_s"], t["stream"]["samples_per_s"], 100 * t["stream_vs_memory"]
+    progress.status(f"trainer: {mem:.0f} samples/s in memory, {stream:.0f} streaming ({pct:.0f} %)")
+    rows[-1]["_detail"] = t
+    return rows

@@ -1,0 +1,149 @@
+"""`tckr-engine bench`: a seconds-long run writes CSV / JSON / plot, the engine's images equal the diffusers
+baseline's, unavailable backends get a row saying why; the SD pipeline baseline; FLOP counting; bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from tckr_engine.bench.flops import PeakMemory, device_peak, generation_flops, unet_flops
+from tckr_engine.bench.throughput import BenchConfig, run_bench
+from tckr_engine.errors import TckrError
+from tckr_engine.models.generator import build_preset
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TCKR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tckr-cache"))
+
+
+def test_cli_bench_writes_results_and_engine_matches_baseline(cli, tmp_path):
+    out = tmp_path / "bench"
+    res = cli(
+        "bench", "--preset", "tiny-digits", "--device", "cpu", "--batch-sizes", "8", "--steps", "2",
+        "--images", "16", "--repeats", "2", "--threads", "1", "--backends", "torch,onnxruntime,tensorrt",
+        "--attention", "sdpa,xformers", "--train-steps", "2", "--train-batch-size", "8",
+        "--train-workers", "1", "--note", "test run", "--out", out,
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    assert "b8 diffusers" in res.out and "b8 torch/sdpa" in res.out and "trainer-stream" in res.out
+    stem = out / "throughput-tiny-digits-cpu"
+    assert {p.name for p in out.iterdir()} == {f"{stem.name}.{ext}" for ext in ("csv", "json", "png")}
+
+    result = json.loads(stem.with_suffix(".json").read_text())
+    meta = result["meta"]
+    assert meta["device_type"] == "cpu" and meta["threads"] == 1 and meta["note"] == "test run"
+    assert meta["versions"]["torch"] == torch.__version__ and meta["git_sha"]
+    assert result["flops"]["flops_per_image"] > 0 and result["matmul"]["tflops"] > 0
+    rows = {(r["kind"], r["backend"], r["attention"]): r for r in result["rows"]}
+
+    base = rows[("generate", "diffusers", "sdpa")]
+    for key in [("generate", "torch", "sdpa"), ("generate", "onnxruntime", "graph")]:
+        row = rows[key]
+        assert row["status"] == "ok" and row["images"] == 16 and row["repeats"] == 2
+        assert row["max_abs_diff"] <= 1 and row["diff_pixels_pct"] < 1.0  # same seeds, same images
+        assert row["repeats_identical"] is True  # byte-identical shards on every repeat
+        assert row["ratio_to_baseline"] == pytest.approx(row["images_per_s"] / base["images_per_s"], rel=1e-3)
+        assert row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
+        assert row["ms_per_step"] > 0 and row["peak_mem_mb"] > 0 and row["warmup_s"] >= 0
+        assert row["achieved_gflops_per_s"] > 0 and row["fraction_of_peak"] is None  # no peak table on CPU
+    assert base["status"] == "ok" and base["repeats_identical"] is True and "PIL save" in base["notes"]
+    assert rows[("generate", "tensorrt", "graph")]["status"].startswith("skipped: ")
+    assert rows[("generate", "torch", "xformers")]["status"].startswith("skipped: ")
+    stream, memory = rows[("train", "stream", "-")], rows[("train", "memory", "-")]
+    assert stream["images_per_s"] > 0 and memory["images_per_s"] > 0
+    assert result["trainer"]["stream_vs_memory"] == stream["ratio_to_baseline"]
+
+    with stem.with_suffix(".csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(result["rows"]) and all(r["git_sha"] == meta["git_sha"] for r in table)
+
+
+def test_stable_diffusion_pipeline_baseline_matches_engine(tiny_sd, tmp_path):
+    cfg = BenchConfig(
+        preset=str(tiny_sd), dataset="digits", device="cpu", batch_sizes=(4,), steps=2, images=4,
+        repeats=1, backends=("torch",), attention=("sdpa",), threads=1, train_steps=0,
+    )  # fmt: skip
+    result = run_bench(cfg, tmp_path)
+    base, engine = result["rows"]
+    assert "StableDiffusionPipeline" in base["notes"] and base["status"] == "ok"
+    assert engine["status"] == "ok" and engine["max_abs_diff"] <= 1
+    assert result["flops"]["decode_flops_per_image"] > 0 and result["trainer"] is None
+
+
+def test_flop_count_matches_the_real_model():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = build_preset("tiny-digits")
+    x, ctx = torch.randn(2, 1, 8, 8), torch.randn(2, 32, 384)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        gen.unet(x, torch.tensor(10), encoder_hidden_states=ctx)
+    real = {str(k).removeprefix("aten."): v for k, v in counter.get_flop_counts()["Global"].items()}
+    meta = unet_flops(gen, rows=2)
+    for op in ("convolution", "addmm", "mm"):  # the CPU's fused attention kernel has no FLOP formula
+        assert meta[op] == real[op]
+    assert meta["bmm"] > 0  # attention, counted on the meta device
+    total = generation_flops(gen, steps=3, cfg=True)
+    assert total["flops_per_image"] == 6 * sum(unet_flops(gen, rows=1).values())
+
+
+def test_cpu_micro_batching_keeps_the_images(monkeypatch):
+    """The CPU engine runs the UNet on row slices (cache blocking); images equal one whole-batch call."""
+    from tckr_engine.engine.backends import CPU_ROWS_ENV, MicroBatched, TorchDenoiser, cpu_rows_per_call
+    from tckr_engine.engine.sampler import denoise, initial_noise, make_scheduler
+
+    spec = {"device": "cpu", "backend": "torch", "threads": 1}
+    assert cpu_rows_per_call(spec) == 32 and cpu_rows_per_call({**spec, "device": "cuda"}) is None
+    assert cpu_rows_per_call({**spec, "threads": 2}) == 64
+    monkeypatch.setenv(CPU_ROWS_ENV, "0")  # the profiling switch: off
+    assert cpu_rows_per_call(spec) is None
+    monkeypatch.setenv(CPU_ROWS_ENV, "8")
+    assert cpu_rows_per_call({**spec, "threads": 2}) == 16
+    monkeypatch.setenv(CPU_ROWS_ENV, "many")
+    with pytest.raises(TckrError, match=CPU_ROWS_ENV):
+        cpu_rows_per_call(spec)
+    monkeypatch.delenv(CPU_ROWS_ENV)
+    gen = build_preset("tiny-digits")
+    whole = TorchDenoiser(spec, gen)
+    sliced = MicroBatched(whole, 16)  # 40 images with guidance: 80 rows in slices of 16
+    cond, uncond = gen.text_encoder(["3"] * 40), gen.text_encoder([""])
+    noise = initial_noise(list(range(40)), gen.latent_shape, torch.device("cpu"), torch.float32)
+    images = []
+    for model in (whole, sliced):
+        sched = make_scheduler("dpm++", gen.schedule, "pixel")
+        images.append(gen.decode(denoise(model, sched, noise * sched.init_noise_sigma, cond, uncond, 2.0, 3)))
+    assert (images[0].int() - images[1].int()).abs().max() <= 1
+
+
+def test_device_peaks_and_peak_memory():
+    assert device_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert device_peak("NVIDIA H100 PCIe", "fp16") == 756e12
+    assert device_peak("NVIDIA H200", "bf16") == 989e12
+    assert device_peak("Some Future GPU", "bf16") is None
+    with PeakMemory(torch.device("cpu")) as mem:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
+        del block
+    assert mem.mb is not None and mem.mb >= 64
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"backends": ("torch", "nope")}, "backends"),
+        ({"attention": ("flash",)}, "attention"),
+        ({"batch_sizes": ()}, "batch_sizes"),
+        ({"repeats": 0}, "repeats"),
+        ({"train_steps": -1}, "train_steps"),
+    ],
+)
+def test_bad_config_is_one_clear_error(changes, words):
+    with pytest.raises(TckrError, match=words):
+        BenchConfig(**changes).validate()
+
+
+def test_cli_bad_batch_sizes(cli):
+    res = cli("bench", "--batch-sizes", "64,abc")
+    assert res.code == 2 and "--batch-sizes" in res.err and "Traceback" not in res.err
