@@ -6,6 +6,7 @@ traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -165,10 +166,45 @@ def generate(
         int | None,
         typer.Option("--world-size", help="Rank-strided: number of processes (default: WORLD_SIZE, or 1)."),
     ] = None,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="diffusion (the text-conditioned generator) | activation-max (optimised from noise to "
+            "maximise a class logit of --teacher) | bss (boundary samples of real images between --teacher "
+            "and --student)."
+        ),
+    ] = "diffusion",
+    student: Annotated[
+        Path | None, typer.Option(help="bss: the reference student classifier folder.")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="bss: real split of the base images (train | test).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate a synthetic dataset into sharded WebDataset tars (resumable, deterministic)."""
     _setup_logging(verbose)
+    if source != "diffusion":
+        diffusion_only = {
+            "--model": model, "--guidance": guidance, "--sampler": sampler, "--dtype": dtype,
+            "--attention": attention, "--backend": backend, "--captions": captions,
+            "--prompt-template": prompt_template, "--image-size": image_size, "--distributor": distributor,
+            "--ray-address": ray_address, "--workers": workers, "--gpus-per-worker": gpus_per_worker,
+            "--rank": rank, "--world-size": world_size,
+        }  # fmt: skip
+        given = [flag for flag, value in diffusion_only.items() if value is not None]
+        if given:
+            raise TckrError(f"{', '.join(given)} only apply to --source diffusion, not {source}")
+        common = {
+            "dataset": dataset, "num_images": num_images, "shard_size": shard_size, "seed": seed,
+            "batch_size": batch_size, "image_format": image_format, "device": device, "threads": threads,
+            "teacher": str(teacher) if teacher else None, "student": str(student) if student else None,
+            "split": split,
+        }  # fmt: skip
+        _generate_synthetic(source, config, common, steps, shards, overwrite)
+        return
+    if student is not None or split is not None:
+        raise TckrError("--student and --split only apply to --source bss")
     from tckr_engine.config import GenerateConfig, generate_config_from_toml
     from tckr_engine.engine.distributed import distribution_from_options
     from tckr_engine.engine.generate import generate as run_generate
@@ -222,6 +258,40 @@ def generate(
     mine = f" (rank {dist.rank} of {dist.world_size})" if dist.strided else ""
     console.print(
         f"[green]done[/green]: {summary.images} images in {summary.shards} shards{mine} at {summary.out} "
+        f"({summary.generated} generated in {summary.seconds:.1f} s, "
+        f"{summary.images_per_second:.2f} images/s)"
+    )
+
+
+def _generate_synthetic(
+    source: str, config: Path | None, options: dict[str, Any], steps: int | None, shards: str, overwrite: bool
+) -> None:
+    """`generate --source activation-max|bss`: the teacher-driven sources of `tckr_engine.synth`."""
+    from tckr_engine.config import load_toml
+    from tckr_engine.synth import SOURCES, generate_synthetic, synth_config
+
+    if source not in SOURCES:
+        raise TckrError(f"--source must be diffusion, {', '.join(SOURCES)}; got {source!r}")
+    table: dict[str, Any] = {}
+    if (
+        config is not None
+    ):  # the [generate] table: SynthConfig keys, [generate.activation_max] / [generate.bss]
+        table = load_toml(config).get("generate", {})
+        if not isinstance(table, dict):
+            raise TckrError(f"[generate] in {config} must be a table")
+        table = {k: v for k, v in table.items() if k != "source"}
+    table |= {"source": source, **{k: v for k, v in options.items() if v is not None}}
+    cfg = synth_config(table)
+    if steps is not None:  # optimisation steps of the source
+        sub = "activation_max" if source == "activation-max" else "bss"
+        cfg = dataclasses.replace(cfg, **{sub: dataclasses.replace(getattr(cfg, sub), steps=steps)})
+    cfg.validate()
+    with _bar(f"generate {source}", _images_per_second()) as bar:
+        summary = generate_synthetic(
+            cfg, shards, progress=_RichProgress(bar, f"generate {source}"), overwrite=overwrite
+        )
+    console.print(
+        f"[green]done[/green]: {summary.images} {source} images in {summary.shards} shards at {summary.out} "
         f"({summary.generated} generated in {summary.seconds:.1f} s, "
         f"{summary.images_per_second:.2f} images/s)"
     )
@@ -611,10 +681,23 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    bss: Annotated[
+        bool, typer.Option("--bss", help="Add the BSS (boundary samples) loss term; needs --teacher.")
+    ] = False,
+    bss_attack_size: Annotated[
+        int, typer.Option("--bss-attack-size", help="BSS base samples attacked per batch.")
+    ] = 64,
+    bss_steps: Annotated[int, typer.Option("--bss-steps", help="BSS attack steps.")] = 10,
+    bss_temperature: Annotated[
+        float, typer.Option("--bss-temperature", help="Temperature of the BSS soft cross-entropies.")
+    ] = 3.0,
+    bss_beta: Annotated[
+        float, typer.Option("--bss-beta", help="BSS term weight at the start (0 ablates the BSS term).")
+    ] = 2.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished student.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train a student on synthetic shards with Generative Knowledge Distillation."""
+    """Train a student on synthetic shards with Generative Knowledge Distillation (optionally + BSS)."""
     _setup_logging(verbose)
     from tckr_engine.train.gkd import StudentConfig, train_student
 
@@ -635,6 +718,11 @@ def train(
         seed=seed,
         threads=threads,
         device=device,
+        bss=bss,
+        bss_attack_size=bss_attack_size,
+        bss_steps=bss_steps,
+        bss_temperature=bss_temperature,
+        bss_beta=bss_beta,
     ).validate()
     with _bar("train", TextColumn("loss {task.fields[loss]} {task.fields[rate]} samples/s")) as bar:
         task = bar.add_task("train", total=None, loss="--", rate="--")

@@ -11,7 +11,9 @@ Config tables (every key optional except where noted; unknown keys are errors):
 `[run]` dataset, seed, threads, device; `[caption]` captioner (attributes | hf | none), model, batch_size,
 max_new_tokens; `[teacher]` TeacherConfig fields, or `path` to reuse a trained teacher; `[generator]` mode
 (reuse | scratch | lora), `model` (reuse: preset or folder; lora: the base checkpoint) and the scratch / LoRA
-training fields; `[generate]` GenerateConfig fields and `ratio` (images = ratio x real train size);
+training fields; `[generate]` GenerateConfig fields and `ratio` (images = ratio x real train size), or
+`source = "activation-max" | "bss"` with SynthConfig fields (`[generate.activation_max]`, `[generate.bss]`,
+bss's `student`) to synthesise from the teacher instead (no generator stage then);
 `[train]` StudentConfig fields shared by every student; `[[students]]` optional variants: `name`, `images` or
 `ratio`, and StudentConfig overrides (e.g. `labels = "hard"`); `[evaluate]` LiraConfig fields and `enabled`.
 """
@@ -252,17 +254,37 @@ def _lira_settings(cfg: RunConfig) -> dict[str, Any]:
     return lira_settings({**base, **table})
 
 
+def _source(cfg: RunConfig) -> str:
+    """[generate] source: diffusion (the generator of [generator]) or a teacher-driven source (synth/)."""
+    from tckr_engine.synth import SOURCES
+
+    source = cfg.generate.get("source", "diffusion")
+    if source != "diffusion" and source not in SOURCES:
+        raise TckrError(f"[generate] source must be one of diffusion, {', '.join(SOURCES)}; got {source!r}")
+    return source
+
+
 def _generate_config(
-    cfg: RunConfig, model: str, captions: str | None, teacher: str | None, images: int
-) -> GenerateConfig:
-    table = {k: v for k, v in cfg.generate.items() if k not in ("ratio", "num_images")}
-    fixed = {"model", "dataset", "captions", "teacher"}
+    cfg: RunConfig, model: str | None, captions: str | None, teacher: str | None, images: int
+) -> Any:
+    """The [generate] table resolved: a GenerateConfig, or a SynthConfig for source activation-max / bss."""
+    source = _source(cfg)
+    table = {k: v for k, v in cfg.generate.items() if k not in ("ratio", "num_images", "source")}
+    fixed = {"dataset", "teacher"} | ({"model", "captions"} if source == "diffusion" else set())
     if fixed & set(table):
         raise TckrError(
             f"[generate] {', '.join(sorted(fixed & set(table)))} are set by the pipeline; remove them "
             "(choose the generator in [generator], the dataset in [run])"
         )
     values = {"seed": cfg.seed, "threads": cfg.threads, "device": cfg.device, **table}
+    if source != "diffusion":  # the teacher drives generation; [generator] is not used
+        from tckr_engine.synth import synth_config
+
+        values.update(source=source, dataset=cfg.dataset, teacher=teacher or "teacher", num_images=images)
+        try:
+            return synth_config(values).validate()
+        except TckrError as e:
+            raise TckrError(f"[generate] {e}") from None
     values.update(model=model, dataset=cfg.dataset, captions=captions, teacher=teacher, num_images=images)
     return _build(GenerateConfig, values, "generate")
 
@@ -307,6 +329,9 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # e.g. [generate] activation_max = { steps = 100 }
+        items = (f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None)
+        return "{ " + ", ".join(items) + " }"
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
@@ -352,9 +377,11 @@ def run_pipeline(
 
     captions, fp_captions = timed("caption", lambda: _stage_caption(cfg, out, stages, ui))
     teacher, fp_teacher = timed("teacher", lambda: _stage_teacher(cfg, out, stages, ui))
-    model, fp_generator = timed(
-        "generator", lambda: _stage_generator(cfg, out, stages, ui, captions, fp_captions)
-    )
+    model, fp_generator = None, fingerprint("no generator")
+    if _source(cfg) == "diffusion":
+        model, fp_generator = timed(
+            "generator", lambda: _stage_generator(cfg, out, stages, ui, captions, fp_captions)
+        )
     specs = _student_specs(cfg, _real_train_size(cfg.dataset))
     images = max(s["images"] for s in specs)
     gen_cfg = _generate_config(cfg, model, captions, str(teacher), images)
@@ -480,9 +507,11 @@ def _stage_generator(
 
 
 def _stage_generate(
-    gen_cfg: GenerateConfig, out: Path, stages: Stages, ui: StageUI, upstream: tuple[str, ...]
+    gen_cfg: Any, out: Path, stages: Stages, ui: StageUI, upstream: tuple[str, ...]
 ) -> tuple[Path, str]:
+    """`generate` (a GenerateConfig) or `generate --source ...` (a SynthConfig) into RUN/synthetic."""
     from tckr_engine.engine.generate import generate, verify
+    from tckr_engine.synth import SynthConfig, generate_synthetic
 
     path = out / "synthetic"
     fp = fingerprint("generate", gen_cfg, *upstream)
@@ -504,7 +533,10 @@ def _stage_generate(
     with ui("generate") as update:
         progress = _Progress()
         progress.update = update
-        generate(gen_cfg, path, overwrite=plan == "fresh", progress=progress)
+        if isinstance(gen_cfg, SynthConfig):
+            generate_synthetic(gen_cfg, path, progress, overwrite=plan == "fresh")
+        else:
+            generate(gen_cfg, path, overwrite=plan == "fresh", progress=progress)
     stages.mark("generate", fp, True)
     return path, fp
 

@@ -13,10 +13,13 @@ from safetensors.torch import load_file
 
 import tckr_engine.train.gkd as gkd
 from tckr_engine.data import load_dataset
-from tckr_engine.engine.generate import generate
+from tckr_engine.data.datasets import train_val_split
+from tckr_engine.data.real_shards import real_subset, write_real_shards
+from tckr_engine.engine.generate import generate, verify
 from tckr_engine.errors import TckrError
 from tckr_engine.models.classifier import load_classifier
-from tckr_engine.train.gkd import StudentConfig, batch_targets, gkd_loss, train_student
+from tckr_engine.synth.bss import BSSConfig, boundary_samples, bss_schedule
+from tckr_engine.train.gkd import BSSBatch, StudentConfig, batch_loss, batch_targets, gkd_loss, train_student
 from tckr_engine.train.stream import (
     ensure_round,
     epoch_batches,
@@ -119,6 +122,10 @@ def test_batch_targets_online_stored_and_hard(pool, teacher):
         (dict(images_per_round=0), "images_per_round must be a positive integer"),
         (dict(epochs=0), "epochs must be a positive integer"),
         (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
+        (dict(bss=True, teacher=None, labels="hard"), "bss needs a teacher classifier folder"),
+        (dict(bss=True, bss_steps=0), r"bss.steps must be an integer in 1\.\.1000"),
+        (dict(bss=True, bss_temperature=-1.0), r"bss.temperature must be a number in \(0, 1000\]"),
+        (dict(bss="yes"), "bss must be true or false"),
     ],
 )
 def test_bad_config_is_one_line_error(teacher, changes, message):
@@ -317,3 +324,93 @@ def test_missing_unfinished_or_corrupt_shard_folder_is_refused(pool, teacher, tm
     with pytest.raises(TckrError, match=r"000002.tar is not usable \(size .* disagrees"):
         train_student(student(teacher), corrupt, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def real20(tmp_path_factory):
+    """20 % of the real digits train side (seed 0, val_fraction 0.1) as a shard folder."""
+    out = tmp_path_factory.mktemp("gkd-real") / "real20"
+    write_real_shards("digits", out, fraction=0.2, shard_size=128)
+    return out
+
+
+def test_real_shards_hold_a_seeded_fraction_of_the_train_side_only(real20, tmp_path):
+    full = load_dataset("digits", "train")
+    train_idx, val_idx = train_val_split(full.labels, 0.1, seed=0)
+    idx, pool = real_subset("digits", 0.2)
+    assert pool == len(train_idx) and len(idx) == round(0.2 * pool) and not set(idx) & set(val_idx)
+    assert len(set(idx)) == len(idx) and np.array_equal(idx, real_subset("digits", 0.2)[0])  # seeded
+    folder = open_shard_folder(real20)
+    assert sum(folder.nsamples) == len(idx) and folder.classes == full.classes
+    batch = next(iter(shard_loader(folder.urls, 1000)))  # index order: the subset's order
+    assert np.array_equal(batch["images"].numpy(), full.images[idx])
+    assert np.array_equal(batch["cls"].numpy(), full.labels[idx])
+    assert verify(real20) == []  # what `tckr-engine verify` checks
+    other = write_real_shards("digits", tmp_path / "s1", fraction=0.2, seed=1, shard_size=128)
+    assert other["spec"]["num_images"] == len(idx)  # same size, other images (another split and order)
+    with pytest.raises(TckrError, match="holds another shard folder"):
+        write_real_shards("digits", real20, fraction=0.5, shard_size=128)
+    with pytest.raises(TckrError, match=r"fraction must be in \(0, 1\]"):
+        write_real_shards("digits", tmp_path / "x", fraction=0)
+
+
+def soft_ce(t, s, T):  # -mean_i sum_c softmax(t_i / T)_c log softmax(s_i / T)_c, written out
+    p = torch.exp(t / T) / torch.exp(t / T).sum(1, keepdim=True)
+    return -(p * torch.log(torch.exp(s / T) / torch.exp(s / T).sum(1, keepdim=True))).sum(1).mean()
+
+
+def test_bss_batch_loss_is_ce_plus_weighted_soft_terms(teacher, real20):
+    t = load_classifier(teacher)
+    s = load_classifier(teacher).train()  # a student that agrees with the teacher: base samples exist
+    torch.manual_seed(0)
+    for p in s.parameters():  # ... but not exactly, so every term is non-trivial
+        p.data += 0.05 * torch.randn_like(p)
+    batch = next(iter(shard_loader(open_shard_folder(real20).urls, 48)))
+    x, y = batch["images"], batch["cls"]  # (48, 8, 8, 1) uint8, (48,)
+    cfg = student(teacher, bss=True, bss_attack_size=16, bss_steps=3, bss_temperature=2.0)
+    with torch.no_grad():
+        tl = t(x)  # (48, 10)
+    # beta = 0: no attack; loss = CE(s(x), y) + alpha * softCE_T(t(x), s(x)).
+    step = BSSBatch(t, tl, y, 2.5, 0.0, torch.Generator().manual_seed(1))
+    loss, logits = batch_loss(s, x, None, cfg, step)
+    want = F.cross_entropy(logits, y) + 2.5 * soft_ce(tl, logits, 2.0)
+    assert step.samples == 0 and float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    # beta > 0: + beta * softCE_T(t(x_adv), s(x_adv)) on the boundary samples of the same seeded draw.
+    step = BSSBatch(t, tl, y, 2.5, 1.5, torch.Generator().manual_seed(1))
+    loss, logits = batch_loss(s, x, None, cfg, step)
+    x_adv, info = boundary_samples(
+        t, None, x, y, cfg=cfg.bss_config(), teacher_logits=tl, student_logits=logits.detach(),
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    assert step.samples == len(x_adv) > 0 and len(x_adv) <= 16
+    want = F.cross_entropy(logits, y) + 2.5 * soft_ce(tl, logits, 2.0)
+    want = want + 1.5 * soft_ce(info.teacher_logits, s(x_adv), 2.0)
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    s.zero_grad()
+    loss.backward()
+    assert all(p.grad is not None for p in s.parameters()) and all(p.grad is None for p in t.parameters())
+
+
+def test_bss_training_follows_the_schedule_and_records_its_settings(teacher, real20, tmp_path):
+    cfg = student(teacher, bss=True, epochs=4, bss_attack_size=8, bss_steps=2, labels="hard")
+    metrics = train_student(cfg, real20, tmp_path / "s")
+    assert all((tmp_path / "s" / name).is_file() for name in OUTPUTS)
+    log = [json.loads(line) for line in (tmp_path / "s/train_log.jsonl").read_text().splitlines()]
+    bcfg = BSSConfig(attack_size=8, steps=2)
+    want = [bss_schedule(e / 4, bcfg) for e in (1, 2, 3, 4)]  # alpha 4 -> 1, beta 2 -> 0 at 75 %
+    assert [(r["bss_alpha"], r["bss_beta"]) for r in log] == want
+    assert want == [(3.25, 2 * (1 - 1 / 3)), (2.5, 2 * (1 - 2 / 3)), (1.75, 0.0), (1.0, 0.0)]
+    steps = -(-len(real_subset("digits", 0.2)[0]) // 16)
+    assert all(0 <= r["bss_samples"] <= 8 * steps for r in log) and [r["bss_samples"] for r in log][2:] == [
+        0,
+        0,
+    ]
+    bss = json.loads((tmp_path / "s/metrics.json").read_text())["bss"]
+    assert (
+        bss == metrics["bss"] and bss["attack_size"] == 8 and bss["steps"] == 2 and bss["temperature"] == 3.0
+    )
+    assert bss["alpha"] == [3.25, 2.5, 1.75, 1.0] and bss["beta"] == [1.333333, 0.666667, 0.0, 0.0]
+    assert metrics["teacher"] == str(teacher)  # the teacher labels online even with labels 'hard'
+    assert metrics["config"]["bss"] is True and metrics["test_accuracy"] > 0
+    plain = train_student(student(teacher, epochs=1), real20, tmp_path / "plain")
+    assert plain["bss"] is None

@@ -127,6 +127,10 @@ def test_changed_student_settings_redo_only_that_student(tiny_pipeline, tmp_path
         (("num_shadows = 4", "num_shadows = 4\nshadows = 3"), "unknown key"),
         (('dataset = "digits"', 'dataset = "/nonexistent/data"'), "does not exist"),
         (("steps = 2", "steps = 2\nmodel = 'fmnist'"), "set by the pipeline"),
+        (("steps = 2", "steps = 2\nsource = 'dreams'"), "source must be one of diffusion"),
+        (("steps = 2", "source = 'bss'"), "needs a student"),
+        (("steps = 2", "source = 'activation-max'\nguidance = 2.0"), "unknown synth option"),
+        (('labels = "hard"', "bss = 1"), "bss must be true or false"),
     ],
 )
 def test_bad_configs_are_one_line_errors(tmp_path, change, message) -> None:
@@ -162,3 +166,61 @@ def test_cli_evaluate_reuses_the_run_shadows(tiny_pipeline, cli) -> None:
     run_result = next(m for m in report["models"] if m["name"] == "student-hard")
     assert again["privacy"]["max_auc"] == run_result["privacy"]["max_auc"]
     assert "| hard |" in result.out and "| teacher |" in result.out
+
+
+AM_RUN = """
+[run]
+dataset = "digits"
+seed = 0
+threads = 1
+
+[caption]
+captioner = "none"
+
+[teacher]
+arch = "small-cnn"
+epochs = 2
+width = 8
+
+[generate]
+source = "activation-max"
+num_images = 40
+shard_size = 20
+batch_size = 20
+activation_max = { steps = 5, tv = 0.2 }
+
+[train]
+arch = "small-cnn"
+width = 8
+epochs = 2
+workers = 0
+batch_size = 16
+
+[[students]]
+name = "student"
+
+[[students]]
+name = "student-bss"
+bss = true
+bss_attack_size = 4
+bss_steps = 2
+
+[evaluate]
+enabled = false
+"""
+
+
+def test_teacher_driven_source_and_a_bss_student(tmp_path) -> None:
+    """[generate] source = activation-max replaces the generator; [[students]] bss = true adds BSS."""
+    out = tmp_path / "run"
+    report = run_pipeline(load_run_config(_write(tmp_path, AM_RUN)), out)
+    run = json.loads((out / "synthetic" / "run.json").read_text())
+    assert run["spec"]["source"] == "activation-max" and run["spec"]["activation_max"]["steps"] == 5
+    assert run["spec"]["activation_max"]["tv"] == 0.2
+    assert not (out / "generator").exists() and "generator" not in report["seconds"]
+    bss = json.loads((out / "student-bss" / "metrics.json").read_text())["bss"]
+    assert bss is not None and bss["attack_size"] == 4 and bss["steps"] == 2
+    assert [m["name"] for m in report["models"]] == ["teacher", "student", "student-bss"]
+    assert "activation_max = { steps = 5, tv = 0.2 }" in (out / "config.toml").read_text()
+    again = run_pipeline(load_run_config(out / "config.toml"), out)  # the written config repeats the run
+    assert again["seconds"]["generate"] < 2 and again["seconds"]["train"] < 2

@@ -452,3 +452,46 @@ def test_bss_softce_uses_no_t_squared_factor():
     kd = bss_loss(s, t, y, None, None, 1.0, 0.0, 3.0) - F.cross_entropy(s, y)
     manual = -(F.softmax(t / 3, 1) * F.log_softmax(s / 3, 1)).sum(1).mean()
     torch.testing.assert_close(kd, manual)
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI: generate --source
+
+
+def test_cli_generate_source_activation_max_and_bss(models, cli, tmp_path):
+    teacher, student = models
+    out = tmp_path / "am"
+    r = cli("generate", "--source", "activation-max", "--teacher", teacher, "--dataset", "digits",
+            "--shards", out, "--num-images", 20, "--shard-size", 10, "--batch-size", 10, "--steps", 5,
+            "--device", "cpu", "--threads", 1)  # fmt: skip
+    assert r.code == 0, r.out
+    assert "activation-max images" in r.out + r.err
+    run = json.loads((out / "run.json").read_text())
+    assert run["spec"]["source"] == "activation-max" and run["spec"]["activation_max"]["steps"] == 5
+    assert cli("verify", out).code == 0
+    config = tmp_path / "bss.toml"
+    config.write_text('[generate]\nsplit = "test"\n[generate.bss]\nattack_size = 4\ncandidates = 16\n')
+    out = tmp_path / "bss"
+    r = cli("generate", "--source", "bss", "--teacher", teacher, "--student", student, "--dataset", "digits",
+            "--shards", out, "--num-images", 8, "--shard-size", 8, "--steps", 3, "--device", "cpu",
+            "--threads", 1, "--config", config)  # fmt: skip
+    assert r.code == 0, r.out
+    spec = json.loads((out / "run.json").read_text())["spec"]
+    assert spec["base"]["split"] == "test" and spec["bss"]["attack_size"] == 4 and spec["bss"]["steps"] == 3
+    assert cli("verify", out).code == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--source", "activation-max", "--guidance", "2"], "--guidance only apply to --source diffusion"),
+        (["--source", "bss"], "needs a teacher"),
+        (["--source", "dreams"], "--source must be diffusion, activation-max, bss"),
+        (["--student", "x"], "--student and --split only apply to --source bss"),
+    ],
+)
+def test_cli_generate_source_errors_are_one_line(cli, tmp_path, args, message):
+    r = cli("generate", "--shards", tmp_path / "x", "--dataset", "digits", *args)
+    text = r.out + r.err
+    assert r.code != 0 and message in text and "Traceback" not in text
+    assert not (tmp_path / "x").exists()

@@ -10,6 +10,14 @@ Loss (`gkd_loss`) = `F.cross_entropy(student(x_aug) / T, soft, label_smoothing=s
 temperature, no T² factor (there is no hard-label term to balance). At T = 1, s = 0.1 it is exactly TCKR's
 `CrossEntropyLoss(label_smoothing=0.1)(student_logits, soft)`.
 
+BSS (`bss`, REFERENCE §4, `synth.bss`): the loss becomes CE(s(x), y) + α·softCE_T(t(x), s(x))
++ β·softCE_T(t(x̃), s(x̃)) with y the shard's `cls`, T = `bss_temperature`, no label smoothing, and x̃ the
+boundary samples walked from the *augmented* batch x (the reference attacks its augmented CIFAR batch),
+selected with the student's logits of its training forward. The teacher labels x online whatever `labels`
+says. (α, β) = `bss_schedule(epoch / epochs)`, evaluated once per epoch with epochs counted from 1, as the
+reference: with E epochs, β > 0 only in epochs < 0.75·E (e.g. E = 4: β = 4/3, 2/3, 0, 0) and no attack
+runs when β = 0. Target classes are drawn from a generator seeded per epoch, so a resume is exact.
+
 Regeneration every R epochs (`regenerate_every`): "pool" reads a disjoint subset of the shard folder each
 round, "engine" generates a new folder per round with the pool's recorded run and seed + round into
 `OUT/regen/round-XXX/` (a finished one is reused on resume). See `stream.plan_rounds`.
@@ -47,6 +55,7 @@ from tckr_engine.engine.scheduler import sample_seed
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import atomic_write, write_json
 from tckr_engine.models.classifier import Classifier, count_parameters, load_classifier, save_classifier
+from tckr_engine.synth.bss import BSSConfig, boundary_samples, bss_loss, bss_schedule
 from tckr_engine.train.stream import (
     REGEN_DIR,
     Round,
@@ -68,6 +77,7 @@ LOG_NAME = "train_log.jsonl"
 CHECKPOINT_NAME = "checkpoint.pt"
 _OUTPUTS = (METRICS_NAME, LOG_NAME, "model.safetensors", "classifier.json", CHECKPOINT_NAME)
 LABELS = ("online", "stored", "hard")
+BSS_SALT = 0xB55  # target-class generator seeds differ from the augmentation's
 REGENERATE = ("pool", "engine")
 # (done steps, total steps, running train loss of the epoch, training samples per second) after every step.
 Progress = Callable[[int, int, float, float], None]
@@ -100,6 +110,12 @@ class StudentConfig:
     threads: int | None = None  # torch CPU threads; None: torch's default
     device: str = "cpu"  # cpu | cuda
     eval_batch_size: int = 512
+    bss: bool = False  # add boundary-supporting samples (REFERENCE §4): needs a teacher; see the docstring
+    bss_attack_size: int = 64  # base samples attacked per batch (reference: 64 of 256)
+    bss_steps: int = 10  # attack steps (reference)
+    bss_step_size: float = 0.3  # L2-normalised attack step (reference)
+    bss_temperature: float = 3.0  # T of both BSS soft cross-entropies (reference)
+    bss_beta: float = 2.0  # β at the start of training (reference 2); 0: the BSS recipe without its BSS term
 
     def validate(self) -> StudentConfig:
         """Check every field; raise a one-line TckrError naming the first bad one. Returns self."""
@@ -123,7 +139,25 @@ class StudentConfig:
             check_positive("images_per_round", self.images_per_round)
         if self.dataset is not None and (not isinstance(self.dataset, str) or not self.dataset):
             raise TckrError(f"dataset must be a dataset name or folder, got {self.dataset!r}")
+        if not isinstance(self.bss, bool):
+            raise TckrError(f"bss must be true or false, got {self.bss!r}")
+        if self.bss and not self.teacher:
+            raise TckrError(
+                "bss needs a teacher classifier folder (--teacher): it labels and attacks batches"
+            )
+        self.bss_config()
         return self
+
+    def bss_config(self) -> BSSConfig:
+        """The BSSConfig of the bss_* fields (validated; reference values for everything else)."""
+        return BSSConfig(
+            attack_size=self.bss_attack_size,
+            steps=self.bss_steps,
+            step_size=self.bss_step_size,
+            temperature=self.bss_temperature,
+            beta_start=self.bss_beta,
+            candidates=max(self.bss_attack_size, BSSConfig.candidates),
+        ).validate()
 
 
 def soft_targets(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -167,13 +201,48 @@ def batch_targets(
     return F.one_hot(cls, num_classes).float().to(x_aug.device)  # (B, K)
 
 
+@dataclass
+class BSSBatch:
+    """What the BSS loss term needs of one batch besides the student (module docstring)."""
+
+    teacher: Classifier
+    teacher_logits: torch.Tensor  # (B, K) teacher logits of the augmented batch
+    y: torch.Tensor  # (B,) int64 hard labels (the shard's cls), on the device
+    alpha: float
+    beta: float
+    generator: torch.Generator  # CPU generator for target classes
+    samples: int = 0  # out: boundary samples used in this batch (0 when β = 0)
+
+
 def batch_loss(
-    student: Classifier, x_aug: torch.Tensor, target_probs: torch.Tensor, cfg: StudentConfig
+    student: Classifier,
+    x_aug: torch.Tensor,
+    target_probs: torch.Tensor | None,
+    cfg: StudentConfig,
+    bss: BSSBatch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, student logits (B, K)) of one batch: the one place to add another loss term (e.g. BSS)."""
+    """(loss, student logits (B, K)) of one batch: the one place to add another loss term.
+
+    Without `bss`: the GKD loss on `target_probs`. With it: `bss_loss` (module docstring); `target_probs`
+    is unused, and boundary samples are walked only when β > 0 (the reference's `if ratio_attack > 0`).
+    """
     logits = student(x_aug)  # (B, K)
-    temperature = 1.0 if cfg.labels == "hard" else cfg.temperature
-    return gkd_loss(logits, target_probs, temperature, cfg.label_smoothing), logits
+    if bss is None:
+        assert target_probs is not None
+        temperature = 1.0 if cfg.labels == "hard" else cfg.temperature
+        return gkd_loss(logits, target_probs, temperature, cfg.label_smoothing), logits
+    bcfg = cfg.bss_config()
+    adv_s = adv_t = None
+    if bss.beta > 0:
+        x_adv, info = boundary_samples(
+            bss.teacher, None, x_aug, bss.y, cfg=bcfg, teacher_logits=bss.teacher_logits,
+            student_logits=logits.detach(), generator=bss.generator,
+        )  # fmt: skip
+        bss.samples = len(x_adv)  # x_adv: (N, C, H, W) normalised float, N <= attack_size
+        if len(x_adv):
+            adv_s, adv_t = student(x_adv), info.teacher_logits  # (N, K) each
+    loss = bss_loss(logits, bss.teacher_logits, bss.y, adv_s, adv_t, bss.alpha, bss.beta, bcfg.temperature)
+    return loss, logits
 
 
 def _lr_lambda(total_steps: int) -> Callable[[int], float]:
@@ -274,18 +343,32 @@ def _train_epoch(
     hflip: bool,
     num_classes: int,
     report: Callable[[int, float, float], None],
-) -> tuple[float, int, int]:
-    """One pass over `batches`; returns (summed loss, correct vs the shard class, samples)."""
+    bss: tuple[float, float, torch.Generator] | None = None,
+) -> tuple[float, int, int, int]:
+    """One pass over `batches`; returns (summed loss, correct vs the shard class, samples, BSS samples).
+
+    `bss` = (α, β, target generator) of this epoch turns the BSS loss on."""
     device = model_device(model)
     model.train()
-    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    loss_sum, correct, seen, adv, t0 = 0.0, 0, 0, 0, time.perf_counter()
     for batch in batches:
         images = batch["images"]  # (B, H, W, C) uint8
         if tuple(images.shape[1:]) != shape:
             raise TckrError(f"shard images are {tuple(images.shape[1:])}, the real data {shape}")
         x = random_shift_flip(images, shift, hflip, aug).to(device)  # (B, H, W, C) uint8
-        target = batch_targets(cfg.labels, batch, x, teacher, cfg.temperature, num_classes)  # (B, K)
-        loss, logits = batch_loss(model, x, target, cfg)
+        if bss is None:
+            target = batch_targets(cfg.labels, batch, x, teacher, cfg.temperature, num_classes)  # (B, K)
+            loss, logits = batch_loss(model, x, target, cfg)
+        else:
+            assert teacher is not None
+            y = batch["cls"]  # (B,) int64
+            if int(y.max()) >= num_classes or int(y.min()) < 0:
+                raise TckrError(f"shard class index {int(y.max())} is out of range for {num_classes} classes")
+            with torch.no_grad():
+                t_logits = teacher(x)  # (B, K) on the augmented batch
+            step = BSSBatch(teacher, t_logits, y.to(device), *bss)
+            loss, logits = batch_loss(model, x, None, cfg, step)
+            adv += step.samples
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -295,7 +378,7 @@ def _train_epoch(
         correct += int((logits.detach().argmax(1).cpu() == batch["cls"]).sum())
         seen += len(images)
         report(seen, loss_sum / seen, time.perf_counter() - t0)
-    return loss_sum, correct, seen
+    return loss_sum, correct, seen, adv
 
 
 def _fit(
@@ -352,10 +435,14 @@ def _fit(
             rnd.urls, cfg.batch_size, cfg.workers, cfg.shuffle_buffer, eseed, logits=cfg.labels == "stored"
         )
         aug = torch.Generator().manual_seed(eseed)
+        bss = None
+        if cfg.bss:  # the reference's per-epoch schedule, epochs counted from 1
+            alpha, beta = bss_schedule(epoch / cfg.epochs, cfg.bss_config())
+            bss = (alpha, beta, torch.Generator().manual_seed(eseed ^ BSS_SALT))
         t_epoch = time.perf_counter()
-        loss_sum, correct, seen = _train_epoch(
+        loss_sum, correct, seen, adv = _train_epoch(
             cfg, model, teacher, opt, sched, iterate_batches(loader, rnd.folder), aug, shape, shift, hflip,
-            len(val.classes), report,
+            len(val.classes), report, bss,
         )  # fmt: skip
         seconds = time.perf_counter() - t_epoch
         state["train_samples"] += seen
@@ -377,6 +464,8 @@ def _fit(
             "samples_per_sec": round(seen / seconds, 1) if seconds > 0 else 0.0,
             "seconds": round(seconds, 2),
         }
+        if bss is not None:
+            line |= {"bss_alpha": bss[0], "bss_beta": bss[1], "bss_samples": adv}
         with (out / LOG_NAME).open("a") as f:
             f.write(json.dumps(line) + "\n")
         _save_checkpoint(
@@ -397,6 +486,22 @@ def _fit(
             line["samples_per_sec"],
         )  # fmt: skip
     return state
+
+
+def _bss_metrics(cfg: StudentConfig) -> dict[str, Any] | None:
+    """metrics.json's record of the BSS settings and the (α, β) of every epoch; None when BSS is off."""
+    if not cfg.bss:
+        return None
+    bcfg = cfg.bss_config()
+    schedule = [bss_schedule(e / cfg.epochs, bcfg) for e in range(1, cfg.epochs + 1)]
+    return {
+        **bcfg.attack_settings(),
+        "temperature": bcfg.temperature,
+        "alpha": [round(a, 6) for a, _ in schedule],
+        "beta": [round(b, 6) for _, b in schedule],
+        "progress": "epoch / epochs, epochs counted from 1",
+        "attacked": "augmented batch",
+    }
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -433,7 +538,8 @@ def train_student(
     device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    teacher = _load_teacher(cfg, full.classes, (h, w, c), device) if cfg.labels == "online" else None
+    online = cfg.labels == "online" or cfg.bss
+    teacher = _load_teacher(cfg, full.classes, (h, w, c), device) if online else None
     ckpt = _prepare_out(out, overwrite, _identity(cfg, pool))
     shift = max(1, min(4, min(h, w) // 10)) if cfg.shift is None else cfg.shift  # the teacher's rule
     hflip = (full.name != "digits") if cfg.hflip is None else cfg.hflip
@@ -443,6 +549,11 @@ def train_student(
         torch.manual_seed(cfg.seed)
         arch_kwargs: dict[str, Any] = {} if cfg.width is None else {"width": cfg.width}
         model = Classifier(cfg.arch, len(full.classes), c, h, full.classes, **arch_kwargs).to(device)
+        if cfg.bss and teacher is not None and (teacher.mean, teacher.std) != (model.mean, model.std):
+            raise TckrError(
+                f"bss needs teacher and student with the same input normalisation; teacher {cfg.teacher} "
+                f"uses mean/std {teacher.mean}/{teacher.std}, the student {model.mean}/{model.std}"
+            )
         log.info(
             "student %s (%d parameters): %s labels, %d round(s) of %d synthetic images from %s, "
             "%d val images of %s, shift %d px, flip %s", cfg.arch, count_parameters(model), cfg.labels,
@@ -463,8 +574,9 @@ def train_student(
         "arch": cfg.arch,
         "dataset": dataset,
         "shards": str(pool.path),
-        "teacher": cfg.teacher if cfg.labels == "online" else None,
+        "teacher": cfg.teacher if online else None,
         "labels": cfg.labels,
+        "bss": _bss_metrics(cfg),
         "temperature": cfg.temperature,
         "label_smoothing": cfg.label_smoothing,
         "parameters": count_parameters(best),
