@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 5 measurements (docs/results/README.md, "Teacher-driven synthesisers"): rerun with
-#   scripts/issue5-results.sh [teacher|a|b|summary|all]      (default: all; a and b may run in parallel)
+#   scripts/issue5-results.sh [teacher|a|b|fmnist|summary|all]   (default: all but fmnist; a and b may run in parallel)
 # (a) a student trained only on activation-maximised images vs its teacher, on digits;
-# (b) plain KD vs KD + BSS on digits with 20 % and 100 % of the real training images, seeds 0 1 2.
+# (b) plain KD vs KD + BSS on digits with 20 % and 100 % of the real training images, seeds 0 1 2;
+# fmnist: (a) and (b, 20 % only, FMNIST_EPOCHS epochs) on Fashion-MNIST with the resnet-small teacher of
+#   `tckr-engine teacher --out runs/fmnist-teacher --epochs 14` (FMNIST_TEACHER).
 # Everything on CPU with one thread. Finished runs (metrics.json present) are skipped, so a rerun resumes.
 # Outputs: runs under $RUNS (default runs/issue5), JSON under docs/results/issue5/.
 set -euo pipefail
@@ -17,6 +19,8 @@ EPOCHS_A=${EPOCHS_A:-30}          # student epochs on activation-maximised image
 EPOCHS_B=${EPOCHS_B:-30}          # student epochs in the KD vs KD + BSS comparison
 AM_IMAGES=${AM_IMAGES:-2048}      # activation-maximised images (class-balanced)
 T=$R/digits-teacher
+FT=${FMNIST_TEACHER:-runs/fmnist-teacher}
+FMNIST_EPOCHS=${FMNIST_EPOCHS:-10}
 mkdir -p "$R" "$D/runs"
 
 teacher() {  # resnet-small digits teacher, 30 epochs (best epoch on the validation split)
@@ -28,7 +32,7 @@ teacher() {  # resnet-small digits teacher, 30 epochs (best epoch on the validat
 train() {  # train NAME SHARDS [extra train flags...]: one small-cnn student, skipped when finished
   local name=$1 shards=$2; shift 2
   [ -f "$R/$name/metrics.json" ] || $TE train --shards "$shards" --out "$R/$name" --teacher "$T" \
-    --dataset digits --arch small-cnn --workers 0 --threads 1 "$@" --overwrite
+    --dataset "${DS:-digits}" --arch small-cnn --workers 0 --threads 1 "$@" --overwrite
   cp "$R/$name/metrics.json" "$D/runs/$name.json"
 }
 
@@ -59,6 +63,23 @@ write_real_shards('digits', '$shards', fraction=$pct / 100, seed=$seed, shard_si
   done
 }
 
+fmnist() {  # Fashion-MNIST: activation-max student vs the teacher; KD vs KD + BSS at 20 %, seed 0
+  [ -f "$FT/metrics.json" ] || { echo "no Fashion-MNIST teacher at $FT (see the header)" >&2; exit 2; }
+  cp "$FT/metrics.json" "$D/fmnist-teacher-resnet-small-metrics.json"
+  [ -f "$R/fmnist-am/index.json" ] || $TE generate --source activation-max --teacher "$FT" \
+    --dataset fashion-mnist --shards "$R/fmnist-am" --num-images "$AM_IMAGES" --shard-size 256 \
+    --batch-size 64 --seed 0 --device cpu --threads 1
+  local t=$T; T=$FT; DS=fashion-mnist
+  train fmnist-am-online "$R/fmnist-am" --epochs "$EPOCHS_A" --labels online --seed 0
+  local shards=$R/fmnist-real-20-s0
+  $PY -c "
+from tckr_engine.data.real_shards import write_real_shards
+write_real_shards('fashion-mnist', '$shards', fraction=0.2, seed=0, shard_size=1024)"
+  train fmnist-20-kd-s0 "$shards" --epochs "$FMNIST_EPOCHS" --seed 0
+  train fmnist-20-bss-s0 "$shards" --epochs "$FMNIST_EPOCHS" --seed 0 --bss
+  T=$t; DS=digits
+}
+
 summary() {  # one table of every finished run
   $PY - "$D" <<'EOF'
 import json, re, sys
@@ -75,6 +96,10 @@ for f in sorted((d / "runs").glob("*.json")):
     }
 t = json.loads((d / "digits-teacher-resnet-small-metrics.json").read_text())
 out = {"teacher": {"arch": t["arch"], "test_accuracy": t["test_accuracy"], "seconds": t["seconds"]}, "runs": rows}
+ft = d / "fmnist-teacher-resnet-small-metrics.json"
+if ft.exists():
+    t = json.loads(ft.read_text())
+    out["fmnist_teacher"] = {"arch": t["arch"], "test_accuracy": t["test_accuracy"], "seconds": t["seconds"]}
 groups = {}
 for k, r in rows.items():  # seeds of one setting: NAME-sSEED
     groups.setdefault(re.sub(r"-s\d+$", "", k), []).append(r["test_accuracy"])
@@ -94,7 +119,8 @@ case "${1:-all}" in
   teacher) teacher ;;
   a) teacher; part_a ;;
   b) teacher; part_b ;;
+  fmnist) fmnist ;;
   summary) summary ;;
   all) teacher; part_a; part_b; summary ;;
-  *) echo "usage: $0 [teacher|a|b|summary|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [teacher|a|b|fmnist|summary|all]" >&2; exit 2 ;;
 esac
