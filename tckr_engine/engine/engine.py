@@ -1,8 +1,9 @@
 """The Engine: owns the generation loop (schedule -> sample -> hand off to the writer pool).
 
-Per batch: prompt embeddings come from a cache filled once per unique prompt; the noise comes from each job's
-own seed; the sampler runs the whole denoising loop with classifier-free guidance batched into one forward;
-images are converted to uint8 on the device, labelled by the teacher there, and only then copied to the host.
+Per batch: the batch's unique prompts are encoded together (a batch's prompts are fixed by the spec); the
+noise comes from each job's own seed; the sampler runs the whole denoising loop with classifier-free guidance
+batched into one forward; images are converted to uint8 on the device, labelled by the teacher there, and
+only then copied to the host.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from tckr_engine.engine.writer import ShardWriterPool
 log = logging.getLogger(__name__)
 
 UNCOND_PROMPT = ""  # the unconditional context for classifier-free guidance, as in diffusers pipelines
-EMBED_CHUNK = 64  # prompts encoded together; membership is fixed by the spec (see Engine.embed)
 
 
 class Engine:
@@ -42,11 +42,6 @@ class Engine:
         )
         self._set_attention(spec["attention"])
         self.denoiser = make_denoiser(spec, self.generator)  # torch | compile | onnxruntime | tensorrt
-        self._embeddings: dict[str, torch.Tensor] = {}
-        # The run's unique prompts in a canonical order (class by class, file order), cut into fixed chunks.
-        unique = list(dict.fromkeys(p.text for plist in resources.prompts for p in plist))
-        self._chunks = [unique[i : i + EMBED_CHUNK] for i in range(0, len(unique), EMBED_CHUNK)]
-        self._chunk_of = {p: i // EMBED_CHUNK for i, p in enumerate(unique)}
         self._uncond = self.embed([UNCOND_PROMPT]) if spec["guidance"] > 1.0 else None  # (1, L, D)
 
     def _set_attention(self, name: str) -> None:
@@ -57,18 +52,17 @@ class Engine:
         set_attention_backend(self.generator.unet, name)
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L, D) context for the prompts; each unique prompt is encoded once per engine.
+        """(B, L, D) context for the prompts: their unique texts, in first-seen order, encoded in one call.
 
-        A prompt is always encoded together with the same fixed chunk of the run's prompts (never with
-        whatever else the current batch holds): the encoder's numerics can depend on the batch it runs in,
-        and a shard's bytes must not depend on which shards ran before it in this process.
+        Only what this call is given is encoded together, never a cache filled by earlier batches: the
+        encoder's numerics can depend on the batch it runs in, and a shard's bytes must not depend on which
+        shards ran before it in this process. A batch's prompts are a pure function of the spec, so its
+        context is too. (An earlier scheme encoded each prompt with a fixed chunk of the run's prompt list;
+        with one caption per image that encoded ~20x more prompts than the run used.)
         """
-        for p in prompts:
-            if p not in self._embeddings:
-                chunk = self._chunks[self._chunk_of[p]] if p in self._chunk_of else [p]
-                for text, e in zip(chunk, self.generator.text_encoder(chunk), strict=True):
-                    self._embeddings[text] = e
-        return torch.stack([self._embeddings[p] for p in prompts])
+        unique = list(dict.fromkeys(prompts))
+        encoded = dict(zip(unique, self.generator.text_encoder(unique), strict=True))
+        return torch.stack([encoded[p] for p in prompts])
 
     @torch.inference_mode()
     def sample(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:

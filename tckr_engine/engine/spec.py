@@ -140,7 +140,10 @@ def resolve(cfg: GenerateConfig, previous: dict[str, Any] | None = None) -> tupl
         "generator": generator.describe(),
         "dataset": cfg.dataset,
         "classes": classes,
-        "prompts": prompt_spec,
+        # How contexts are batched through the text encoder (its numerics can depend on the batch):
+        # "batch" = each sampling batch's unique prompts in one call (Engine.embed). Part of the spec so that
+        # a folder started under another scheme is never resumed into a mix.
+        "prompts": {**prompt_spec, "encoding": "batch"},
         "num_images": cfg.num_images,
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
