@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tckr_engine.data.datasets import DEFAULT_FASHION_MNIST_DIR
 from tckr_engine.errors import TckrError
 from tckr_engine.pipeline import load_run_config, run_pipeline
 
@@ -224,3 +225,32 @@ def test_teacher_driven_source_and_a_bss_student(tmp_path) -> None:
     assert "activation_max = { steps = 5, tv = 0.2 }" in (out / "config.toml").read_text()
     again = run_pipeline(load_run_config(out / "config.toml"), out)  # the written config repeats the run
     assert again["seconds"]["generate"] < 2 and again["seconds"]["train"] < 2
+
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION = DEFAULT_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz"
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("fashion-mnist-cpu.toml", None),
+        ("fashion-mnist-full.toml", None),
+        ("fashion-mnist-0.2x.toml", "runs/fmnist-teacher is not a finished teacher folder"),  # made first
+        ("sd-lora.toml", "unknown dataset '/data/my-dataset'"),  # a template: the user's folder goes there
+    ],
+)
+def test_shipped_configs_validate(name, error, monkeypatch) -> None:
+    """Every config in configs/ builds all its stage configs (what `run` checks before any stage starts)."""
+    if not FASHION.is_file() and name.startswith("fashion"):
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    monkeypatch.chdir(REPO)  # configs name repo-relative paths
+    if name == "fashion-mnist-0.2x.toml" and (REPO / "runs/fmnist-teacher/metrics.json").is_file():
+        error = None  # the study's teacher was made in this checkout
+    monkeypatch.delenv("TCKR_FASHION_MNIST_DIR", raising=False)
+    if error is None:
+        cfg = load_run_config(REPO / "configs" / name)
+        assert cfg.dataset
+    else:
+        with pytest.raises(TckrError, match=error):
+            load_run_config(REPO / "configs" / name)
