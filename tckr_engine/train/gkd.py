@@ -555,7 +555,7 @@ def train_student(
                 f"uses mean/std {teacher.mean}/{teacher.std}, the student {model.mean}/{model.std}"
             )
         log.info(
-            "student %s (%d parameters): %s labels, %d round(s) of %d synthetic images from %s, "
+            "student %s (%d parameters): %s labels, %d round(s) of %d shard images from %s, "
             "%d val images of %s, shift %d px, flip %s", cfg.arch, count_parameters(model), cfg.labels,
             len(plan), plan[0].images, pool.path, len(val), dataset, shift, hflip,
         )  # fmt: skip
