@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Issue 5 measurements (docs/results/README.md, "Teacher-driven synthesisers"): rerun with
-#   scripts/issue5-results.sh [teacher|a|b|fmnist|summary|all]   (default: all but fmnist; a and b may run in parallel)
+#   scripts/issue5-results.sh [teacher|a|b|fmnist|fmnist-small|summary|all]
+#   (default: all = the digits parts and the summary; a and b may run in parallel)
 # (a) a student trained only on activation-maximised images vs its teacher, on digits;
 # (b) plain KD vs KD + BSS on digits with 20 % and 100 % of the real training images, seeds 0 1 2;
 # fmnist: (a) and (b, 20 % only, FMNIST_EPOCHS epochs) on Fashion-MNIST with the resnet-small teacher of
 #   `tckr-engine teacher --out runs/fmnist-teacher --epochs 14` (FMNIST_TEACHER).
+# fmnist-small: (b) on Fashion-MNIST with the demo's teacher recipe (small-cnn, 3 epochs, 2 threads, seed 0:
+#   what `make demo` trains into runs/demo/teacher), trained here unless FMNIST_SMALL_TEACHER holds it;
+#   PCTS (default "20"; "20 100" adds 100 %) x FMNIST_SEEDS (default "0"), FMNIST_EPOCHS epochs.
 # Everything on CPU with one thread. Finished runs (metrics.json present) are skipped, so a rerun resumes.
 # Outputs: runs under $RUNS (default runs/issue5), JSON under docs/results/issue5/.
 set -euo pipefail
@@ -21,6 +25,7 @@ AM_IMAGES=${AM_IMAGES:-2048}      # activation-maximised images (class-balanced)
 T=$R/digits-teacher
 FT=${FMNIST_TEACHER:-runs/fmnist-teacher}
 FMNIST_EPOCHS=${FMNIST_EPOCHS:-10}
+FST=${FMNIST_SMALL_TEACHER:-$R/fmnist-teacher-small}
 mkdir -p "$R" "$D/runs"
 
 teacher() {  # resnet-small digits teacher, 30 epochs (best epoch on the validation split)
@@ -48,13 +53,19 @@ import json; json.dump({'images': s.images, 'seconds': round(s.seconds, 1)}, ope
   train digits-am-hard "$R/digits-am" --epochs "$EPOCHS_A" --labels hard --seed 0
 }
 
-part_b() {  # real-data shards hold the train side of the student's own train/val split (same seed)
+real_shards() {  # real_shards DATASET PCT SEED SHARD_SIZE: prints the folder of PCT % of the real train split
+  local shards=$R/$1-real-$2-s$3  # the train side of the student's own train/val split (same seed)
+  [ -f "$shards/index.json" ] || $PY -c "
+from tckr_engine.data.real_shards import write_real_shards
+write_real_shards('$1', '$shards', fraction=$2 / 100, seed=$3, shard_size=$4)" >&2
+  echo "$shards"
+}
+
+part_b() {
   for seed in $SEEDS; do
     for pct in 20 100; do
-      local shards=$R/digits-real-$pct-s$seed
-      $PY -c "
-from tckr_engine.data.real_shards import write_real_shards
-write_real_shards('digits', '$shards', fraction=$pct / 100, seed=$seed, shard_size=256)"
+      local shards
+      shards=$(real_shards digits "$pct" "$seed" 256)
       local common=(--epochs "$EPOCHS_B" --seed "$seed")
       train "digits-$pct-kd-s$seed" "$shards" "${common[@]}"                      # trainer's KD (T 1, ls 0.1)
       train "digits-$pct-kdce-s$seed" "$shards" "${common[@]}" --bss --bss-beta 0  # BSS recipe, β = 0
@@ -71,12 +82,25 @@ fmnist() {  # Fashion-MNIST: activation-max student vs the teacher; KD vs KD + B
     --batch-size 64 --seed 0 --device cpu --threads 1
   local t=$T; T=$FT; DS=fashion-mnist
   train fmnist-am-online "$R/fmnist-am" --epochs "$EPOCHS_A" --labels online --seed 0
-  local shards=$R/fmnist-real-20-s0
-  $PY -c "
-from tckr_engine.data.real_shards import write_real_shards
-write_real_shards('fashion-mnist', '$shards', fraction=0.2, seed=0, shard_size=1024)"
+  local shards
+  shards=$(real_shards fashion-mnist 20 0 1024)
   train fmnist-20-kd-s0 "$shards" --epochs "$FMNIST_EPOCHS" --seed 0
   train fmnist-20-bss-s0 "$shards" --epochs "$FMNIST_EPOCHS" --seed 0 --bss
+  T=$t; DS=digits
+}
+
+fmnist_small() {  # Fashion-MNIST: KD vs KD + BSS with the demo's small-cnn teacher
+  [ -f "$FST/metrics.json" ] || OMP_NUM_THREADS=2 $TE teacher --out "$FST" --dataset fashion-mnist \
+    --arch small-cnn --epochs 3 --threads 2 --seed 0 --overwrite
+  cp "$FST/metrics.json" "$D/fmnist-teacher-small-cnn-metrics.json"
+  local t=$T shards; T=$FST; DS=fashion-mnist
+  for seed in ${FMNIST_SEEDS:-0}; do
+    for pct in ${PCTS:-20}; do
+      shards=$(real_shards fashion-mnist "$pct" "$seed" 1024)
+      train "fmnist-small-$pct-kd-s$seed" "$shards" --epochs "$FMNIST_EPOCHS" --seed "$seed"
+      train "fmnist-small-$pct-bss-s$seed" "$shards" --epochs "$FMNIST_EPOCHS" --seed "$seed" --bss
+    done
+  done
   T=$t; DS=digits
 }
 
@@ -120,7 +144,8 @@ case "${1:-all}" in
   a) teacher; part_a ;;
   b) teacher; part_b ;;
   fmnist) fmnist ;;
+  fmnist-small) fmnist_small ;;
   summary) summary ;;
   all) teacher; part_a; part_b; summary ;;
-  *) echo "usage: $0 [teacher|a|b|fmnist|summary|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [teacher|a|b|fmnist|fmnist-small|summary|all]" >&2; exit 2 ;;
 esac
