@@ -231,15 +231,19 @@ REPO = Path(__file__).resolve().parents[1]
 FASHION = DEFAULT_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz"
 
 
-@pytest.mark.parametrize(
-    ("name", "error"),
-    [
-        ("fashion-mnist-cpu.toml", None),
-        ("fashion-mnist-full.toml", None),
-        ("fashion-mnist-0.2x.toml", "runs/fmnist-teacher is not a finished teacher folder"),  # made first
-        ("sd-lora.toml", "unknown dataset '/data/my-dataset'"),  # a template: the user's folder goes there
-    ],
-)
+SHIPPED_CONFIGS = {  # config -> the error it must give here (None: it validates)
+    "fashion-mnist-cpu.toml": None,
+    "fashion-mnist-full.toml": None,
+    "fashion-mnist-0.2x.toml": "runs/fmnist-teacher is not a finished teacher folder",  # made first
+    "sd-lora.toml": "unknown dataset '/data/my-dataset'",  # a template: the user's folder goes there
+}
+
+
+def test_every_shipped_config_is_checked() -> None:
+    assert set(SHIPPED_CONFIGS) == {p.name for p in (REPO / "configs").glob("*.toml")}
+
+
+@pytest.mark.parametrize(("name", "error"), SHIPPED_CONFIGS.items())
 def test_shipped_configs_validate(name, error, monkeypatch) -> None:
     """Every config in configs/ builds all its stage configs (what `run` checks before any stage starts)."""
     if not FASHION.is_file() and name.startswith("fashion"):
