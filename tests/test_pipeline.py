@@ -234,7 +234,9 @@ FASHION = DEFAULT_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz"
 SHIPPED_CONFIGS = {  # config -> the error it must give here (None: it validates)
     "fashion-mnist-cpu.toml": None,
     "fashion-mnist-full.toml": None,
-    "fashion-mnist-0.2x.toml": "runs/fmnist-teacher is not a finished teacher folder",  # made first
+    "fashion-mnist-0.2x.toml": None,
+    # the 1x half reuses the 0.2x run's teacher, made first
+    "fashion-mnist-1x.toml": "runs/fashion-mnist-0.2x/teacher is not a finished teacher folder",
     "sd-lora.toml": "unknown dataset '/data/my-dataset'",  # a template: the user's folder goes there
 }
 
@@ -249,7 +251,7 @@ def test_shipped_configs_validate(name, error, monkeypatch) -> None:
     if not FASHION.is_file() and name.startswith("fashion"):
         pytest.skip("Debian package dataset-fashion-mnist not installed")
     monkeypatch.chdir(REPO)  # configs name repo-relative paths
-    if name == "fashion-mnist-0.2x.toml" and (REPO / "runs/fmnist-teacher/metrics.json").is_file():
+    if name == "fashion-mnist-1x.toml" and (REPO / "runs/fashion-mnist-0.2x/teacher/metrics.json").is_file():
         error = None  # the study's teacher was made in this checkout
     monkeypatch.delenv("TCKR_FASHION_MNIST_DIR", raising=False)
     if error is None:
