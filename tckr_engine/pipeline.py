@@ -593,6 +593,7 @@ def _stage_train(
                 "path": str(path),
                 "trained_on": trained_on,
                 "synthetic_images": spec["images"],
+                "labels": labels,
                 "fp": fp,
             }
         )

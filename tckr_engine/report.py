@@ -124,22 +124,36 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
     return path
 
 
+SweepPoint = tuple[int, float, float, float]  # synthetic images, test accuracy %, max AUC %, AOP
+
+
+def sweep_series(rows: list[dict[str, Any]]) -> dict[str, list[SweepPoint]]:
+    """Students' (images, accuracy %, max attack AUC %, AOP) by label kind, sorted by synthetic-set size."""
+    series: dict[str, list[SweepPoint]] = {}
+    for r in sorted(rows, key=lambda r: r["synthetic_images"]):
+        auc = (r.get("privacy") or {}).get("max_auc")
+        point = (
+            int(r["synthetic_images"]),
+            100 * r["test_accuracy"],
+            float("nan") if auc is None else 100 * auc,
+            float("nan") if r.get("aop") is None else r["aop"],
+        )
+        series.setdefault(f"{r.get('labels') or 'soft'} labels", []).append(point)
+    return series
+
+
 def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Accuracy, attack AUC and AOP of the students against the synthetic-set size."""
+    """Accuracy, attack AUC and AOP of the students against synthetic-set size, one line per label kind."""
     plt = _pyplot()
-    rows = sorted(rows, key=lambda r: r["synthetic_images"])
-    x = [r["synthetic_images"] for r in rows]
+    series = sweep_series(rows)
     fig, axes = plt.subplots(1, 3, figsize=(10, 3))
-    series = (
-        ("test accuracy (%)", [100 * r["test_accuracy"] for r in rows]),
-        ("max LiRA AUC (%)", [100 * (r.get("max_auc") or float("nan")) for r in rows]),
-        ("AOP", [r.get("aop") or float("nan") for r in rows]),
-    )
-    for ax, (label, y) in zip(axes, series, strict=True):
-        ax.plot(x, y, "o-")
+    for i, (ax, title) in enumerate(zip(axes, ("test accuracy (%)", "max LiRA AUC (%)", "AOP"), strict=True)):
+        for label, points in series.items():
+            ax.plot([p[0] for p in points], [p[i + 1] for p in points], "o-", label=label)
         ax.set_xscale("log")
         ax.set_xlabel("synthetic images")
-        ax.set_title(label, fontsize=9)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=7)
     _save_figure(fig, path)
     return path
 
@@ -168,8 +182,8 @@ def write_report(out: str | Path, report: dict[str, Any]) -> Path:
     """Write `out/report.md`, `out/report.json` and `out/figures/*`; returns the markdown path.
 
     `report` keys: `title`, `dataset`, `models` (list of evaluate() results with `name`, `trained_on`, and
-    optionally `synthetic_images` and `roc`), optional `quality` (synthetic_quality()), `shards` (a shard
-    folder for the sample grid), `classes`, `notes` (list of markdown lines), `commands`.
+    optionally `synthetic_images`, `labels` and `roc`), optional `quality` (synthetic_quality()), `shards` (a
+    shard folder for the sample grid), `classes`, `notes` (list of markdown lines), `commands`.
     """
     out = Path(out)
     figures = out / FIGURES

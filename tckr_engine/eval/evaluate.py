@@ -122,10 +122,9 @@ def evaluate(
     for name, path in named.items():
         result = evaluate_model(path, shadows)
         write_json(out / f"{name}.json", result)
-        trained_on = (
-            "real train split" if Path(path).expanduser().resolve() == teacher.resolve() else _origin(path)
-        )
-        results.append({"name": name, "path": str(path), "trained_on": trained_on, **result})
+        is_teacher = Path(path).expanduser().resolve() == teacher.resolve()
+        origin = {"trained_on": "real train split"} if is_teacher else _origin(path)
+        results.append({"name": name, "path": str(path), **origin, **result})
     report: dict[str, Any] = {
         "title": f"tckr-engine evaluate: {shadows.challenge.dataset}",
         "dataset": shadows.challenge.dataset,
@@ -139,14 +138,20 @@ def evaluate(
     return report
 
 
-def _origin(path: str | Path) -> str:
-    """What a classifier folder was trained on, from its metrics.json (students record their rounds)."""
+def _origin(path: str | Path) -> dict[str, Any]:
+    """What a classifier folder was trained on, from its metrics.json: `trained_on` (text) and, for a student
+    of synthetic shards, `synthetic_images` (per round: the set size) and `labels` (the report's sweep)."""
     try:
         metrics = json.loads((Path(path).expanduser() / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return "unknown"
+        return {"trained_on": "unknown"}
     rounds = (metrics.get("regeneration") or {}).get("rounds")
     if isinstance(rounds, list) and rounds:
         images = sum(int(r.get("images", 0)) for r in rounds)
-        return f"{images:,} synthetic images ({metrics.get('labels', '?')} labels, {len(rounds)} round(s))"
-    return f"real {metrics.get('dataset', '?')} train split"
+        labels = metrics.get("labels", "?")
+        return {
+            "trained_on": f"{images:,} synthetic images ({labels} labels, {len(rounds)} round(s))",
+            "synthetic_images": int(rounds[0].get("images", 0)),
+            "labels": labels,
+        }
+    return {"trained_on": f"real {metrics.get('dataset', '?')} train split"}
