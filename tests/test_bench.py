@@ -90,32 +90,48 @@ def test_flop_count_matches_the_real_model():
     assert total["flops_per_image"] == 6 * sum(unet_flops(gen, rows=1).values())
 
 
-def test_cpu_micro_batching_keeps_the_images(monkeypatch):
-    """The CPU engine runs the UNet on row slices (cache blocking); images equal one whole-batch call."""
-    from tckr_engine.engine.backends import CPU_ROWS_ENV, MicroBatched, TorchDenoiser, cpu_rows_per_call
+def test_cpu_slicing_is_a_function_of_device_backend_and_threads(monkeypatch):
+    from tckr_engine.engine.backends import CPU_ROWS_ENV, cpu_slicing
+
+    assert cpu_slicing("cpu", "torch", 1) == {"rows": 32, "workers": 1}
+    assert cpu_slicing("cpu", "torch", 2) == {"rows": 32, "workers": 2}  # side by side, a thread each
+    assert cpu_slicing("cpu", "onnxruntime", 2) == {"rows": 32, "workers": 2}
+    assert cpu_slicing("cpu", "compile", 2) == {"rows": 64, "workers": 1}  # one slice on both threads
+    assert cpu_slicing("cuda", "torch", 2) is None and cpu_slicing("cpu", "tensorrt", 2) is None
+    monkeypatch.setenv(CPU_ROWS_ENV, "0")  # the profiling switch: off
+    assert cpu_slicing("cpu", "torch", 2) is None
+    monkeypatch.setenv(CPU_ROWS_ENV, "8")
+    assert cpu_slicing("cpu", "compile", 2) == {"rows": 16, "workers": 1}
+    monkeypatch.setenv(CPU_ROWS_ENV, "many")
+    with pytest.raises(TckrError, match=CPU_ROWS_ENV):
+        cpu_slicing("cpu", "torch", 1)
+
+
+def test_cpu_slices_keep_the_images():
+    """Row slices, one after another or side by side on worker threads, give the whole batch's images."""
+    from tckr_engine.engine.backends import MicroBatched, ParallelSlices, TorchDenoiser
     from tckr_engine.engine.sampler import denoise, initial_noise, make_scheduler
 
     spec = {"device": "cpu", "backend": "torch", "threads": 1}
-    assert cpu_rows_per_call(spec) == 32 and cpu_rows_per_call({**spec, "device": "cuda"}) is None
-    assert cpu_rows_per_call({**spec, "threads": 2}) == 64
-    monkeypatch.setenv(CPU_ROWS_ENV, "0")  # the profiling switch: off
-    assert cpu_rows_per_call(spec) is None
-    monkeypatch.setenv(CPU_ROWS_ENV, "8")
-    assert cpu_rows_per_call({**spec, "threads": 2}) == 16
-    monkeypatch.setenv(CPU_ROWS_ENV, "many")
-    with pytest.raises(TckrError, match=CPU_ROWS_ENV):
-        cpu_rows_per_call(spec)
-    monkeypatch.delenv(CPU_ROWS_ENV)
     gen = build_preset("tiny-digits")
     whole = TorchDenoiser(spec, gen)
     sliced = MicroBatched(whole, 16)  # 40 images with guidance: 80 rows in slices of 16
+    parallel = ParallelSlices([TorchDenoiser(spec, gen), TorchDenoiser(spec, gen)], 16)
+    x, ctx, t = torch.randn(80, *gen.latent_shape), gen.text_encoder(["3"] * 80), torch.tensor(500)
+    with torch.inference_mode():
+        out = parallel(x, t, ctx)
+        assert out.is_inference()  # the caller's inference mode held in the worker threads
+        assert torch.equal(out, sliced(x, t, ctx))  # bitwise: the same slices, whichever thread ran them
+    with torch.no_grad():
+        assert not parallel(x, t, ctx).requires_grad
     cond, uncond = gen.text_encoder(["3"] * 40), gen.text_encoder([""])
     noise = initial_noise(list(range(40)), gen.latent_shape, torch.device("cpu"), torch.float32)
     images = []
-    for model in (whole, sliced):
+    for model in (whole, sliced, parallel):
         sched = make_scheduler("dpm++", gen.schedule, "pixel")
         images.append(gen.decode(denoise(model, sched, noise * sched.init_noise_sigma, cond, uncond, 2.0, 3)))
     assert (images[0].int() - images[1].int()).abs().max() <= 1
+    assert torch.equal(images[1], images[2])
 
 
 def test_device_peaks_and_peak_memory():

@@ -79,10 +79,11 @@ SHAPES = [
 
 
 def git_sha() -> str:
-    """`git rev-parse HEAD` of the checkout holding this package, or "unknown"."""
+    """HEAD of the checkout holding this package, "+dirty" appended when tracked files differ from it (a
+    result measured on uncommitted code says so), or "unknown"."""
     try:
         res = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", "describe", "--always", "--exclude=*", "--abbrev=40", "--dirty=+dirty"],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,

@@ -14,15 +14,18 @@
   current CUDA stream.
 Backends that cannot run here fail at `check_backend` (called when the run spec is resolved) with one line.
 
-On the CPU every backend but TensorRT runs the UNet on slices of at most `CPU_ROWS_PER_THREAD x threads`
-rows (`MicroBatched`): activations of a slice stay in the cores' caches between layers. A pure function of
-the spec (device, batch, threads), so shards stay byte-identical run to run.
+On the CPU every backend but TensorRT runs the UNet on row slices, so activations of a slice stay in the
+cores' caches between layers: `torch` and `onnxruntime` run slices of `CPU_ROWS_PER_THREAD` rows side by side,
+one per thread (`ParallelSlices`); `compile` runs slices of `CPU_ROWS_PER_THREAD x threads` rows one after
+another on all threads (`MicroBatched`). The slicing is part of the run spec (`cpu_slicing`), so shards stay
+byte-identical run to run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 from typing import Any, ClassVar
 
 import torch
@@ -209,10 +212,16 @@ def check_backend(backend: str, device: str, dtype: str) -> None:
         import_tensorrt()
 
 
-# Rows per UNet call and CPU thread. Measured on 2-core Xeon (AVX-512) machines, tiny-fmnist, batch 64 with
+# Rows per UNet call on the CPU. Measured on 2-core Xeon (AVX-512) machines, tiny-fmnist, batch 64 with
 # guidance (128 rows), 1 thread: 32-row slices vs one 128-row call were 1.11x faster in eager PyTorch (bitwise
 # identical images), 1.15x with torch.compile and 1.12x with ONNX Runtime; 8-row slices were slower.
 CPU_ROWS_PER_THREAD = 32
+# Backends whose slices run side by side, one single-threaded denoiser per worker thread (`ParallelSlices`).
+# On the small pixel UNets one thread per slice beats one slice on all threads: the per-layer tensors are
+# too small for intra-op parallelism to pay (fmnist UNet, 128 rows, 2 cores: eager 1.4x; ONNX Runtime gave
+# the same bytes with 1 or 2 intra-op threads). Not `compile`: inductor fixes its kernels' thread count
+# when it compiles.
+PARALLEL_SLICE_BACKENDS = ("torch", "onnxruntime")
 
 
 class MicroBatched(Denoiser):
@@ -229,14 +238,55 @@ class MicroBatched(Denoiser):
         return torch.cat(parts)  # (B, C, h, w)
 
 
-# Override of CPU_ROWS_PER_THREAD for profiling (0 = one call for the whole batch); it never changes the
-# images' bytes in eager mode, but it is not part of the run spec, so leave it unset for production runs.
+class ParallelSlices(Denoiser):
+    """Row slices of at most `rows` rows, `len(inners)` at a time on worker threads of one torch thread each.
+
+    Each slice goes to whichever single-threaded denoiser is free; outputs are concatenated in row order, so
+    the result does not depend on which worker ran which slice. The caller's grad / inference mode (which
+    is per thread in PyTorch) is applied in the workers too.
+    """
+
+    def __init__(self, inners: list[Denoiser], rows: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.rows, self.name = rows, inners[0].name
+        self.free: queue.SimpleQueue[Denoiser] = queue.SimpleQueue()
+        for inner in inners:
+            self.free.put(inner)
+        self.pool = ThreadPoolExecutor(
+            len(inners), thread_name_prefix="tckr-unet", initializer=torch.set_num_threads, initargs=(1,)
+        )
+
+    def _slice(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, modes: tuple[bool, bool]):
+        inner = self.free.get()
+        try:
+            with torch.inference_mode(modes[0]), torch.set_grad_enabled(modes[1]):
+                return inner(x, t, context)
+        finally:
+            self.free.put(inner)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        r = self.rows
+        modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        futures = [
+            self.pool.submit(self._slice, x[i : i + r], t, context[i : i + r], modes)
+            for i in range(0, x.shape[0], r)
+        ]
+        return torch.cat([f.result() for f in futures])  # (B, C, h, w)
+
+
+# Override of CPU_ROWS_PER_THREAD for profiling (0 = one call for the whole batch). It is recorded in the run
+# spec (`cpu_slicing`) like the rest of the slicing, so a folder is never resumed under another slicing.
 CPU_ROWS_ENV = "TCKR_CPU_ROWS_PER_THREAD"
 
 
-def cpu_rows_per_call(spec: dict[str, Any]) -> int | None:
-    """Rows per UNet call on the CPU (None: one call for the whole batch, as on GPUs)."""
-    if torch.device(spec["device"]).type != "cpu" or spec.get("backend", "torch") == "tensorrt":
+def cpu_slicing(device: str, backend: str, threads: int) -> dict[str, int] | None:
+    """How the CPU runs the UNet over a batch: slices of `rows` rows, `workers` of them at a time (each on
+    one thread when workers > 1, else all `threads` on one slice). None: one call per batch, as on GPUs.
+
+    A pure function of the spec (device, backend, threads) and CPU_ROWS_ENV; resolve() stores it in the spec.
+    """
+    if torch.device(device).type != "cpu" or backend == "tensorrt":
         return None
     per_thread = os.environ.get(CPU_ROWS_ENV, "").strip()
     try:
@@ -245,13 +295,20 @@ def cpu_rows_per_call(spec: dict[str, Any]) -> int | None:
         raise TckrError(f"{CPU_ROWS_ENV} must be an integer (0 = no slicing), got {per_thread!r}") from None
     if rows <= 0:
         return None
-    return rows * max(1, int(spec.get("threads") or 1))
+    threads = max(1, int(threads or 1))
+    if backend in PARALLEL_SLICE_BACKENDS and threads > 1:
+        return {"rows": rows, "workers": threads}
+    return {"rows": rows * threads, "workers": 1}
 
 
 def make_denoiser(spec: dict[str, Any], generator: Generator) -> Denoiser:
     """The denoiser for the spec's backend, on the generator already moved to the spec's device/dtype."""
     backend = spec.get("backend", "torch")
     check_backend(backend, spec["device"], spec["dtype"])
-    denoiser = _CLASSES[backend](spec, generator)
-    rows = cpu_rows_per_call(spec)
-    return MicroBatched(denoiser, rows) if rows is not None else denoiser
+    slicing = spec.get("cpu_slicing")
+    if slicing is None:
+        return _CLASSES[backend](spec, generator)
+    if slicing["workers"] > 1:  # one single-threaded denoiser per worker (ONNX Runtime: a 1-thread session)
+        inners = [_CLASSES[backend]({**spec, "threads": 1}, generator) for _ in range(slicing["workers"])]
+        return ParallelSlices(inners, slicing["rows"])
+    return MicroBatched(_CLASSES[backend](spec, generator), slicing["rows"])

@@ -19,7 +19,7 @@ import torch
 from tckr_engine import __version__
 from tckr_engine.config import GenerateConfig
 from tckr_engine.data.captions import Prompt, captions_digest, read_captions, template_prompts
-from tckr_engine.engine.backends import check_backend
+from tckr_engine.engine.backends import check_backend, cpu_slicing
 from tckr_engine.engine.sampler import make_scheduler, scheduler_description
 from tckr_engine.errors import TckrError
 from tckr_engine.models.classifier import Classifier, load_classifier
@@ -159,6 +159,9 @@ def resolve(cfg: GenerateConfig, previous: dict[str, Any] | None = None) -> tupl
         "attention": resolve_attention(cfg.attention, device),
         "backend": cfg.backend,
         "threads": threads,
+        # How the CPU runs the UNet over a batch (row slices, one after another or side by side): compile's
+        # and onnxruntime's bytes can depend on it, so a folder keeps the slicing it began with.
+        "cpu_slicing": cpu_slicing(device, cfg.backend, threads),
         "image_size": cfg.image_size,
         "teacher": teacher_spec,
     }
