@@ -95,7 +95,7 @@ def test_cpu_slicing_is_a_function_of_device_backend_and_threads(monkeypatch):
 
     assert cpu_slicing("cpu", "torch", 1) == {"rows": 32, "workers": 1}
     assert cpu_slicing("cpu", "torch", 2) == {"rows": 32, "workers": 2}  # side by side, a thread each
-    assert cpu_slicing("cpu", "onnxruntime", 2) == {"rows": 32, "workers": 2}
+    assert cpu_slicing("cpu", "onnxruntime", 2) == {"rows": 64, "workers": 1}
     assert cpu_slicing("cpu", "compile", 2) == {"rows": 64, "workers": 1}  # one slice on both threads
     assert cpu_slicing("cuda", "torch", 2) is None and cpu_slicing("cpu", "tensorrt", 2) is None
     monkeypatch.setenv(CPU_ROWS_ENV, "0")  # the profiling switch: off

@@ -15,8 +15,8 @@
 Backends that cannot run here fail at `check_backend` (called when the run spec is resolved) with one line.
 
 On the CPU every backend but TensorRT runs the UNet on row slices, so activations of a slice stay in the
-cores' caches between layers: `torch` and `onnxruntime` run slices of `CPU_ROWS_PER_THREAD` rows side by side,
-one per thread (`ParallelSlices`); `compile` runs slices of `CPU_ROWS_PER_THREAD x threads` rows one after
+cores' caches between layers: `torch` runs slices of `CPU_ROWS_PER_THREAD` rows side by side, one per thread
+(`ParallelSlices`); `compile` and `onnxruntime` run slices of `CPU_ROWS_PER_THREAD x threads` rows one after
 another on all threads (`MicroBatched`). The slicing is part of the run spec (`cpu_slicing`), so shards stay
 byte-identical run to run.
 """
@@ -217,11 +217,11 @@ def check_backend(backend: str, device: str, dtype: str) -> None:
 # identical images), 1.15x with torch.compile and 1.12x with ONNX Runtime; 8-row slices were slower.
 CPU_ROWS_PER_THREAD = 32
 # Backends whose slices run side by side, one single-threaded denoiser per worker thread (`ParallelSlices`).
-# On the small pixel UNets one thread per slice beats one slice on all threads: the per-layer tensors are
-# too small for intra-op parallelism to pay (fmnist UNet, 128 rows, 2 cores: eager 1.4x; ONNX Runtime gave
-# the same bytes with 1 or 2 intra-op threads). Not `compile`: inductor fixes its kernels' thread count
-# when it compiles.
-PARALLEL_SLICE_BACKENDS = ("torch", "onnxruntime")
+# Eager PyTorch: on the small pixel UNets one thread per slice beats one slice on all threads, whose per-layer
+# tensors are too small for intra-op parallelism to pay (tiny-fmnist bench, 2-core AMD EPYC, same images as
+# diffusers: 1.07x -> 1.21x; docs/bench/README.md). Not onnxruntime: its intra-op threads already scale
+# (1.66x -> 1.61x, within noise), and not compile: inductor fixes its kernels' thread count when it compiles.
+PARALLEL_SLICE_BACKENDS = ("torch",)
 
 
 class MicroBatched(Denoiser):
@@ -308,7 +308,7 @@ def make_denoiser(spec: dict[str, Any], generator: Generator) -> Denoiser:
     slicing = spec.get("cpu_slicing")
     if slicing is None:
         return _CLASSES[backend](spec, generator)
-    if slicing["workers"] > 1:  # one single-threaded denoiser per worker (ONNX Runtime: a 1-thread session)
+    if slicing["workers"] > 1:  # one single-threaded denoiser per worker
         inners = [_CLASSES[backend]({**spec, "threads": 1}, generator) for _ in range(slicing["workers"])]
         return ParallelSlices(inners, slicing["rows"])
     return MicroBatched(_CLASSES[backend](spec, generator), slicing["rows"])

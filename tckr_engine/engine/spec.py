@@ -160,7 +160,7 @@ def resolve(cfg: GenerateConfig, previous: dict[str, Any] | None = None) -> tupl
         "backend": cfg.backend,
         "threads": threads,
         # How the CPU runs the UNet over a batch (row slices, one after another or side by side): compile's
-        # and onnxruntime's bytes can depend on it, so a folder keeps the slicing it began with.
+        # and onnxruntime's bytes can depend on the slice shape, so a folder keeps the slicing it began with.
         "cpu_slicing": cpu_slicing(device, cfg.backend, threads),
         "image_size": cfg.image_size,
         "teacher": teacher_spec,
