@@ -241,15 +241,16 @@ class MicroBatched(Denoiser):
 class ParallelSlices(Denoiser):
     """Row slices of at most `rows` rows, `len(inners)` at a time on worker threads of one torch thread each.
 
-    Each slice goes to whichever single-threaded denoiser is free; outputs are concatenated in row order, so
-    the result does not depend on which worker ran which slice. The caller's grad / inference mode (which
-    is per thread in PyTorch) is applied in the workers too.
+    A batch of fewer than `rows x workers` rows is cut into `workers` even slices. Each slice goes to
+    whichever single-threaded denoiser is free; outputs are concatenated in row order, so the result does
+    not depend on which worker ran which slice (it can differ in the last bits from the same slices run on
+    several threads). The caller's grad / inference mode (per thread in PyTorch) holds in the workers too.
     """
 
     def __init__(self, inners: list[Denoiser], rows: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.rows, self.name = rows, inners[0].name
+        self.rows, self.workers, self.name = rows, len(inners), inners[0].name
         self.free: queue.SimpleQueue[Denoiser] = queue.SimpleQueue()
         for inner in inners:
             self.free.put(inner)
@@ -257,7 +258,9 @@ class ParallelSlices(Denoiser):
             len(inners), thread_name_prefix="tckr-unet", initializer=torch.set_num_threads, initargs=(1,)
         )
 
-    def _slice(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, modes: tuple[bool, bool]):
+    def _slice(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, modes: tuple[bool, bool]
+    ) -> torch.Tensor:
         inner = self.free.get()
         try:
             with torch.inference_mode(modes[0]), torch.set_grad_enabled(modes[1]):
@@ -266,7 +269,7 @@ class ParallelSlices(Denoiser):
             self.free.put(inner)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        r = self.rows
+        r = min(self.rows, -(-x.shape[0] // self.workers))  # a small batch still keeps every worker busy
         modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         futures = [
             self.pool.submit(self._slice, x[i : i + r], t, context[i : i + r], modes)
