@@ -15,7 +15,9 @@ training fields; `[generate]` GenerateConfig fields and `ratio` (images = ratio 
 `source = "activation-max" | "bss"` with SynthConfig fields (`[generate.activation_max]`, `[generate.bss]`,
 bss's `student`) to synthesise from the teacher instead (no generator stage then);
 `[train]` StudentConfig fields shared by every student; `[[students]]` optional variants: `name`, `images` or
-`ratio`, and StudentConfig overrides (e.g. `labels = "hard"`); `[evaluate]` LiraConfig fields and `enabled`.
+`ratio`, and StudentConfig overrides (e.g. `labels = "hard"`); `[evaluate]` LiraConfig fields, `enabled`, and
+`shadows` (a shadow-model folder shared between runs attacked on the same data, e.g. another run's
+`privacy/shadows`: reused when its setup matches, an error when it does not).
 """
 
 from __future__ import annotations
@@ -248,8 +250,11 @@ def _lira_settings(cfg: RunConfig) -> dict[str, Any]:
     from tckr_engine.eval.evaluate import lira_settings
     from tckr_engine.privacy import LiraConfig
 
-    table = {k: v for k, v in cfg.evaluate.items() if k != "enabled"}
+    table = {k: v for k, v in cfg.evaluate.items() if k not in ("enabled", "shadows")}
     _check_keys(table, _field_names(LiraConfig), "evaluate")
+    shared = cfg.evaluate.get("shadows")
+    if shared is not None and (not isinstance(shared, str) or not shared.strip()):
+        raise TckrError(f"[evaluate] shadows must be a folder path (a string), got {shared!r}")
     base = {"seed": cfg.seed, "threads": cfg.threads, "device": cfg.device}
     return lira_settings({**base, **table})
 
@@ -614,8 +619,11 @@ def _stage_evaluate(
 
     settings = _lira_settings(cfg)
     privacy = out / "privacy"
+    shared = cfg.evaluate.get("shadows")  # another run's shadow folder, reused when its setup matches
     with ui("shadow models") as update:
-        shadows = prepare_shadows(settings, models[0]["path"], privacy, progress=update)
+        shadows = prepare_shadows(
+            settings, models[0]["path"], privacy, progress=update, folder=Path(shared) if shared else None
+        )
     results = []
     for m in models:
         fp = fingerprint("evaluate", m["fp"], shadows.fingerprint)

@@ -125,7 +125,8 @@ def test_changed_student_settings_redo_only_that_student(tiny_pipeline, tmp_path
         (("epochs = 2\nwidth = 8", "epochs = 0\nwidth = 8"), "epochs must be a positive integer"),
         (('name = "student-hard"', 'name = "Student Hard"'), "name must be"),
         (('labels = "hard"', 'labels = "fuzzy"'), "labels must be one of"),
-        (("num_shadows = 4", "num_shadows = 4\nshadows = 3"), "unknown key"),
+        (("num_shadows = 4", "num_shadows = 4\nshadow_count = 3"), "unknown key"),
+        (("num_shadows = 4", "num_shadows = 4\nshadows = 3"), "shadows must be a folder path"),
         (('dataset = "digits"', 'dataset = "/nonexistent/data"'), "does not exist"),
         (("steps = 2", "steps = 2\nmodel = 'fmnist'"), "set by the pipeline"),
         (("steps = 2", "steps = 2\nsource = 'dreams'"), "source must be one of diffusion"),
@@ -167,6 +168,34 @@ def test_cli_evaluate_reuses_the_run_shadows(tiny_pipeline, cli) -> None:
     run_result = next(m for m in report["models"] if m["name"] == "student-hard")
     assert again["privacy"]["max_auc"] == run_result["privacy"]["max_auc"]
     assert "| hard |" in result.out and "| teacher |" in result.out
+
+
+def test_cli_evaluate_shares_another_runs_shadows(tiny_pipeline, cli, tmp_path) -> None:
+    """`evaluate --shadows` attacks with a shared shadow folder, never retraining or replacing it; several
+    students of different set sizes give the report's sweep."""
+    _, out, report = tiny_pipeline
+    shadows = out / "privacy" / "shadows"
+    before = sorted(p.stat().st_mtime_ns for p in shadows.rglob("*"))
+    common = ["--teacher", out / "teacher", "--num-shadows", "4", "--members", "60", "--threads", "1"]
+    students = [f"soft={out / 'student'}", f"hard={out / 'student-hard'}"]
+    result = cli(
+        "evaluate", *students, *common, "--epochs", "3", "--out", tmp_path / "e", "--shadows", shadows
+    )
+    assert result.code == 0, result.err
+    assert sorted(p.stat().st_mtime_ns for p in shadows.rglob("*")) == before
+    assert not (tmp_path / "e" / "shadows").exists()
+    again = json.loads((tmp_path / "e" / "report.json").read_text())
+    by_name = {m["name"]: m for m in again["models"]}
+    run_hard = next(m for m in report["models"] if m["name"] == "student-hard")
+    assert by_name["hard"]["privacy"]["max_auc"] == run_hard["privacy"]["max_auc"]
+    assert (by_name["soft"]["synthetic_images"], by_name["hard"]["synthetic_images"]) == (120, 80)
+    assert "## Against synthetic-set size" in (tmp_path / "e" / "report.md").read_text()
+    # another setup on a shared folder: one line, the folder untouched
+    result = cli(
+        "evaluate", *students, *common, "--epochs", "4", "--out", tmp_path / "f", "--shadows", shadows
+    )
+    assert result.code == 2 and "another setup (epochs 3 -> 4)" in result.err
+    assert sorted(p.stat().st_mtime_ns for p in shadows.rglob("*")) == before
 
 
 AM_RUN = """

@@ -50,6 +50,13 @@ def evaluate(
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    shadows: Annotated[
+        Path | None,
+        typer.Option(
+            help="Shared shadow-model folder (e.g. a run's privacy/shadows): reused when its setup matches, "
+            "never replaced (default: OUT/shadows)."
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Test accuracy, LiRA membership inference (AUC, TPR at low FPR), AOP and a report for classifiers."""
@@ -69,7 +76,9 @@ def evaluate(
     if epochs is not None:
         settings["epochs"] = epochs
     with stage_bar("shadow models") as update:
-        report = run_evaluate(named, teacher, out, settings, shards=shards, progress=update)
+        report = run_evaluate(
+            named, teacher, out, settings, shards=shards, progress=update, shadows_dir=shadows
+        )
     console.print(f"[green]done[/green]: report at {out / 'report.md'}")
     typer.echo(headline_table(report["models"]))
 

@@ -46,15 +46,21 @@ def prepare_shadows(
     teacher: str | Path,
     privacy_dir: str | Path,
     progress: Callable[..., None] | None = None,
+    folder: str | Path | None = None,
 ) -> Shadows:
     """Train or reuse the shadow models for attacks on models of `teacher`'s data and split.
 
     The shadows copy the teacher's training recipe (architecture, optimiser, augmentation, validation
-    split) with `settings` (LiraConfig fields) on top. A changed setup replaces the old shadows.
+    split) with `settings` (LiraConfig fields) on top. In `privacy_dir/shadows` a changed setup replaces the
+    old shadows; a shared `folder` (another run's shadows) is reused or finished when its setup matches and
+    never replaced: another setup there is a one-line error.
     """
     cfg, dataset = teacher_setup(teacher, **settings)
-    folder = Path(privacy_dir).expanduser() / SHADOWS_DIR
-    return train_shadows(cfg, dataset, folder, progress, overwrite=True)
+    if folder is not None:
+        shared = Path(folder).expanduser()
+        log.info("shadow models: the shared folder %s", shared)
+        return train_shadows(cfg, dataset, shared, progress, overwrite=False)
+    return train_shadows(cfg, dataset, Path(privacy_dir).expanduser() / SHADOWS_DIR, progress, overwrite=True)
 
 
 def evaluate_model(model_path: str | Path, shadows: Shadows, dataset: str | None = None) -> dict[str, Any]:
@@ -103,11 +109,13 @@ def evaluate(
     *,
     shards: str | Path | None = None,
     progress: Callable[..., None] | None = None,
+    shadows_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate named classifier folders against one shadow set; writes `out/<name>.json` and a report.
 
     `teacher` fixes the data split the attack uses (its members); it is evaluated too unless it is already
     among `models`. With `shards`, the synthetic set's teacher agreement and Fréchet distance are added.
+    `shadows_dir`: a shared shadow folder (see `prepare_shadows`) instead of `out/shadows`.
     """
     from tckr_engine.eval.quality import synthetic_quality
     from tckr_engine.report import write_report
@@ -117,7 +125,8 @@ def evaluate(
     named = dict(models)
     if all(Path(p).expanduser().resolve() != teacher.resolve() for p in named.values()):
         named = {"teacher": teacher, **named}
-    shadows = prepare_shadows(lira_settings(dict(settings or {})), teacher, out, progress)
+    shadows = prepare_shadows(lira_settings(dict(settings or {})), teacher, out, progress, shadows_dir)
+    out.mkdir(parents=True, exist_ok=True)  # with shared shadows nothing has made it yet
     results = []
     for name, path in named.items():
         result = evaluate_model(path, shadows)
