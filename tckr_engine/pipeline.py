@@ -621,9 +621,7 @@ def _stage_evaluate(
     privacy = out / "privacy"
     shared = cfg.evaluate.get("shadows")  # another run's shadow folder, reused when its setup matches
     with ui("shadow models") as update:
-        shadows = prepare_shadows(
-            settings, models[0]["path"], privacy, progress=update, folder=Path(shared) if shared else None
-        )
+        shadows = prepare_shadows(settings, models[0]["path"], privacy, progress=update, shadows_dir=shared)
     results = []
     for m in models:
         fp = fingerprint("evaluate", m["fp"], shadows.fingerprint)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from tckr_engine.cli._app import RichProgress, app, console, images_per_second, progress_bar, setup_logging
 from tckr_engine.errors import TckrError
+
+if TYPE_CHECKING:
+    from tckr_engine.engine.generate import Summary
 
 
 @app.command()
@@ -175,11 +178,7 @@ def generate(
             distribution=dist,
         )
     mine = f" (rank {dist.rank} of {dist.world_size})" if dist.strided else ""
-    console.print(
-        f"[green]done[/green]: {summary.images} images in {summary.shards} shards{mine} at {summary.out} "
-        f"({summary.generated} generated in {summary.seconds:.1f} s, "
-        f"{summary.images_per_second:.2f} images/s)"
-    )
+    _print_generated(summary, where=mine)
 
 
 def _generate_synthetic(
@@ -209,11 +208,7 @@ def _generate_synthetic(
         summary = generate_synthetic(
             cfg, shards, progress=RichProgress(bar, f"generate {source}"), overwrite=overwrite
         )
-    console.print(
-        f"[green]done[/green]: {summary.images} {source} images in {summary.shards} shards at {summary.out} "
-        f"({summary.generated} generated in {summary.seconds:.1f} s, "
-        f"{summary.images_per_second:.2f} images/s)"
-    )
+    _print_generated(summary, kind=f"{source} ")
 
 
 @app.command()
@@ -238,3 +233,12 @@ def verify(
         raise typer.Exit(1)
     done = "; index.json written" if write_index else ""
     console.print(f"[green]ok[/green]: every shard in {shards} agrees with its stats file{done}")
+
+
+def _print_generated(summary: Summary, kind: str = "", where: str = "") -> None:
+    """The summary line of a finished generation (diffusion or a teacher-driven source)."""
+    console.print(
+        f"[green]done[/green]: {summary.images} {kind}images in {summary.shards} shards{where} "
+        f"at {summary.out} ({summary.generated} generated in {summary.seconds:.1f} s, "
+        f"{summary.images_per_second:.2f} images/s)"
+    )

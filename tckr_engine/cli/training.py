@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import TextColumn
@@ -176,10 +176,7 @@ def teacher(
             bar.update(task, completed=done, total=total, loss=f"{loss:.4f}", acc=f"{acc:.3f}")
 
         metrics = train_teacher(cfg, out, progress=advance, overwrite=overwrite)
-    console.print(
-        f"[green]done[/green]: best epoch {metrics['best_epoch']} "
-        f"(val acc {metrics['best_val_accuracy']:.4f}), test acc {metrics['test_accuracy']:.4f} -> {out}"
-    )
+    _print_trained(metrics, out)
 
 
 @app.command()
@@ -260,6 +257,11 @@ def train(
             bar.update(task, completed=done, total=total, loss=f"{loss:.4f}", rate=f"{rate:.0f}")
 
         metrics = train_student(cfg, shards, out, progress=advance, overwrite=overwrite)
+    _print_trained(metrics, out)
+
+
+def _print_trained(metrics: dict[str, Any], out: Path) -> None:
+    """The summary line of a finished classifier (teacher or student)."""
     console.print(
         f"[green]done[/green]: best epoch {metrics['best_epoch']} "
         f"(val acc {metrics['best_val_accuracy']:.4f}), test acc {metrics['test_accuracy']:.4f} -> {out}"

@@ -46,18 +46,18 @@ def prepare_shadows(
     teacher: str | Path,
     privacy_dir: str | Path,
     progress: Callable[..., None] | None = None,
-    folder: str | Path | None = None,
+    shadows_dir: str | Path | None = None,
 ) -> Shadows:
     """Train or reuse the shadow models for attacks on models of `teacher`'s data and split.
 
     The shadows copy the teacher's training recipe (architecture, optimiser, augmentation, validation
     split) with `settings` (LiraConfig fields) on top. In `privacy_dir/shadows` a changed setup replaces the
-    old shadows; a shared `folder` (another run's shadows) is reused or finished when its setup matches and
-    never replaced: another setup there is a one-line error.
+    old shadows; a shared `shadows_dir` (another run's shadows) is reused or finished when its setup matches
+    and never replaced: another setup there is a one-line error.
     """
     cfg, dataset = teacher_setup(teacher, **settings)
-    if folder is not None:
-        shared = Path(folder).expanduser()
+    if shadows_dir is not None:
+        shared = Path(shadows_dir).expanduser()
         log.info("shadow models: the shared folder %s", shared)
         return train_shadows(cfg, dataset, shared, progress, overwrite=False)
     return train_shadows(cfg, dataset, Path(privacy_dir).expanduser() / SHADOWS_DIR, progress, overwrite=True)
