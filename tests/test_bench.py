@@ -143,6 +143,29 @@ def test_cpu_slices_keep_the_images():
         assert (images[0].int() - other.int()).abs().max() <= 1
 
 
+def test_cpu_ceiling_runs_every_slice_in_every_arrangement():
+    """The same-kernels ceiling (bench/ceiling.py): every slice runs once per call, each worker one thread."""
+    import threading
+
+    from tckr_engine.bench.ceiling import MODES, _free_workers, _inputs, _slices, measure
+
+    gen = build_preset("tiny-digits")
+    parts = _slices(_inputs(gen.unet, 10), 4)
+    assert [p[0].shape[0] for p in parts] == [4, 4, 2] and all(p[1].ndim == 0 for p in parts)
+    seen, lock = [], threading.Lock()
+
+    def call(x, t, context):
+        with lock:
+            seen.append((x.data_ptr(), torch.get_num_threads()))
+
+    _free_workers(call, parts * 3, threads=2)  # 9 slices over 2 workers, each on one PyTorch thread
+    assert sorted(p for p, _ in seen) == sorted(p[0].data_ptr() for p in parts * 3)
+    assert {n for _, n in seen} == {1}
+    result = measure(gen, threads=2, batch=16, rows=4, calls=1, repeats=1)
+    assert set(result) == set(MODES) and all(result[m]["rows_per_s"] > 0 for m in MODES)
+    assert result["intra-op"]["x_intra_op"] == 1.0
+
+
 def test_device_peaks_and_peak_memory():
     assert device_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert device_peak("NVIDIA H100 PCIe", "fp16") == 756e12
