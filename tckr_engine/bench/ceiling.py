@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import threading
 import time
@@ -149,6 +148,7 @@ def measure(
 
 
 def run(preset: str, *, threads: int, batch: int, rows: int, calls: int, repeats: int) -> dict[str, Any]:
+    from tckr_engine.bench.flops import device_name
     from tckr_engine.bench.kernels import git_sha
     from tckr_engine.engine.spec import versions
     from tckr_engine.models.generator import build_preset
@@ -164,7 +164,7 @@ def run(preset: str, *, threads: int, batch: int, rows: int, calls: int, repeats
         "calls_per_repeat": calls,
         "repeats": repeats,
         "modes": modes,
-        "cpu": platform.processor() or platform.machine(),
+        "device": device_name(torch.device("cpu")),
         "cpu_count": os.cpu_count(),
         "load_average_1m_at_start": os.getloadavg()[0],
         "versions": versions(),
