@@ -19,7 +19,8 @@ from tckr_engine.engine.generate import generate, verify
 from tckr_engine.errors import TckrError
 from tckr_engine.models.classifier import load_classifier
 from tckr_engine.synth.bss import BSSConfig, boundary_samples, bss_schedule
-from tckr_engine.train.gkd import BSSBatch, StudentConfig, batch_loss, batch_targets, gkd_loss, train_student
+from tckr_engine.train.gkd import StudentConfig, train_student
+from tckr_engine.train.losses import BSSBatch, batch_loss, batch_targets, gkd_loss
 from tckr_engine.train.stream import (
     ensure_round,
     epoch_batches,

@@ -9,7 +9,8 @@ import pytest
 
 from tckr_engine.data.datasets import DEFAULT_FASHION_MNIST_DIR
 from tckr_engine.errors import TckrError
-from tckr_engine.pipeline import load_run_config, run_pipeline
+from tckr_engine.pipeline import run_pipeline
+from tckr_engine.run_config import load_run_config
 
 TINY_RUN = """
 [run]

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from tckr_engine.models.classifier import Classifier
-from tckr_engine.train.gkd import StudentConfig, gkd_loss
+from tckr_engine.train.gkd import StudentConfig
+from tckr_engine.train.losses import gkd_loss
 from tckr_engine.train.stream import shard_loader
 from tckr_engine.train.teacher import random_shift_flip
 

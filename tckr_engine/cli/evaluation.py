@@ -98,8 +98,9 @@ def run(
 ) -> None:
     """The whole pipeline from one TOML file: caption, teacher, generator, generate, train, evaluate."""
     setup_logging(verbose)
-    from tckr_engine.pipeline import load_run_config, run_pipeline
+    from tckr_engine.pipeline import run_pipeline
     from tckr_engine.report import headline_table
+    from tckr_engine.run_config import load_run_config
 
     cfg = load_run_config(config, {"threads": threads, "device": device})
     folder = out if out is not None else Path("runs") / config.stem

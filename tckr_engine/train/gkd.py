@@ -6,15 +6,8 @@ shift, flip except for digits), labels it, and trains on soft-target cross-entro
   *augmented* batch, `soft = softmax(teacher(x_aug) / T)`;
 - labels "stored": `soft = softmax(logits.npy / T)` from the shards (computed on the un-augmented image);
 - labels "hard": the shard's class index, one-hot (the ablation; T does not apply).
-Loss (`gkd_loss`) = `F.cross_entropy(student(x_aug) / T, soft, label_smoothing=s)`: both sides at one
-temperature, no T² factor (there is no hard-label term to balance). At T = 1, s = 0.1 it is exactly TCKR's
-`CrossEntropyLoss(label_smoothing=0.1)(student_logits, soft)`.
-
-BSS (`bss`, REFERENCE §4, `synth.bss`): the loss becomes CE(s(x), y) + α·softCE_T(t(x), s(x))
-+ β·softCE_T(t(x̃), s(x̃)) with y the shard's `cls`, T = `bss_temperature`, no label smoothing, and x̃ the
-boundary samples walked from the *augmented* batch x (the reference attacks its augmented CIFAR batch),
-selected with the student's logits of its training forward. The teacher labels x online whatever `labels`
-says. (α, β) = `bss_schedule(epoch / epochs)`, evaluated once per epoch with epochs counted from 1, as the
+The loss terms - GKD's soft-target cross-entropy, BSS's - are in `train/losses.py`. With BSS (`bss`),
+(α, β) = `bss_schedule(epoch / epochs)`, evaluated once per epoch with epochs counted from 1, as the
 reference: with E epochs, β > 0 only in epochs < 0.75·E (e.g. E = 4: β = 4/3, 2/3, 0, 0) and no attack
 runs when β = 0. Target classes are drawn from a generator seeded per epoch, so a resume is exact.
 
@@ -47,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tckr_engine.config import check_positive
 from tckr_engine.data import ImageDataset, load_dataset, train_val_split
@@ -55,7 +47,8 @@ from tckr_engine.engine.scheduler import sample_seed
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import atomic_write, write_json
 from tckr_engine.models.classifier import Classifier, count_parameters, load_classifier, save_classifier
-from tckr_engine.synth.bss import BSSConfig, boundary_samples, bss_loss, bss_schedule
+from tckr_engine.synth.bss import BSSConfig, bss_schedule
+from tckr_engine.train.losses import BSSBatch, batch_loss, batch_targets
 from tckr_engine.train.stream import (
     REGEN_DIR,
     Round,
@@ -158,91 +151,6 @@ class StudentConfig:
             beta_start=self.bss_beta,
             candidates=max(self.bss_attack_size, BSSConfig.candidates),
         ).validate()
-
-
-def soft_targets(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / T) in float32: (B, K) -> (B, K) probabilities."""
-    return torch.softmax(teacher_logits.float() / temperature, dim=1)
-
-
-def gkd_loss(
-    student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float, label_smoothing: float
-) -> torch.Tensor:
-    """Soft-target cross-entropy with label smoothing, batch mean: -Σ_k q_k log softmax(z / T)_k.
-
-    `target_probs` p (B, K) is already at temperature T (`soft_targets`); q = (1 - s) p + s / K is PyTorch's
-    label smoothing of probability targets. No T² factor. T = 1: TCKR's loss exactly.
-    """
-    z = student_logits.float() / temperature  # (B, K)
-    return F.cross_entropy(z, target_probs.float(), label_smoothing=label_smoothing)
-
-
-def batch_targets(
-    labels: str,
-    batch: dict[str, Any],
-    x_aug: torch.Tensor,
-    teacher: Classifier | None,
-    temperature: float,
-    num_classes: int,
-) -> torch.Tensor:
-    """Target probabilities (B, K) for one augmented batch `x_aug` uint8 (B, H, W, C) on the device."""
-    if labels == "online":
-        assert teacher is not None
-        with torch.no_grad():
-            return soft_targets(teacher(x_aug), temperature)  # (B, K) on the augmented image
-    if labels == "stored":
-        logits = batch["logits"]  # (B, K') float32, computed on the un-augmented image
-        if logits.shape[1] != num_classes:
-            raise TckrError(f"stored logits have {logits.shape[1]} classes, the dataset {num_classes}")
-        return soft_targets(logits.to(x_aug.device), temperature)  # (B, K)
-    cls = batch["cls"]  # (B,) int64 on the CPU
-    if int(cls.max()) >= num_classes or int(cls.min()) < 0:
-        raise TckrError(f"shard class index {int(cls.max())} is out of range for {num_classes} classes")
-    return F.one_hot(cls, num_classes).float().to(x_aug.device)  # (B, K)
-
-
-@dataclass
-class BSSBatch:
-    """What the BSS loss term needs of one batch besides the student (module docstring)."""
-
-    teacher: Classifier
-    teacher_logits: torch.Tensor  # (B, K) teacher logits of the augmented batch
-    y: torch.Tensor  # (B,) int64 hard labels (the shard's cls), on the device
-    alpha: float
-    beta: float
-    generator: torch.Generator  # CPU generator for target classes
-    samples: int = 0  # out: boundary samples used in this batch (0 when β = 0)
-
-
-def batch_loss(
-    student: Classifier,
-    x_aug: torch.Tensor,
-    target_probs: torch.Tensor | None,
-    cfg: StudentConfig,
-    bss: BSSBatch | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, student logits (B, K)) of one batch: the one place to add another loss term.
-
-    Without `bss`: the GKD loss on `target_probs`. With it: `bss_loss` (module docstring); `target_probs`
-    is unused, and boundary samples are walked only when β > 0 (the reference's `if ratio_attack > 0`).
-    """
-    logits = student(x_aug)  # (B, K)
-    if bss is None:
-        assert target_probs is not None
-        temperature = 1.0 if cfg.labels == "hard" else cfg.temperature
-        return gkd_loss(logits, target_probs, temperature, cfg.label_smoothing), logits
-    bcfg = cfg.bss_config()
-    adv_s = adv_t = None
-    if bss.beta > 0:
-        x_adv, info = boundary_samples(
-            bss.teacher, None, x_aug, bss.y, cfg=bcfg, teacher_logits=bss.teacher_logits,
-            student_logits=logits.detach(), generator=bss.generator,
-        )  # fmt: skip
-        bss.samples = len(x_adv)  # x_adv: (N, C, H, W) normalised float, N <= attack_size
-        if len(x_adv):
-            adv_s, adv_t = student(x_adv), info.teacher_logits  # (N, K) each
-    loss = bss_loss(logits, bss.teacher_logits, bss.y, adv_s, adv_t, bss.alpha, bss.beta, bcfg.temperature)
-    return loss, logits
 
 
 def _lr_lambda(total_steps: int) -> Callable[[int], float]:
