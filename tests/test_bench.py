@@ -150,7 +150,7 @@ def test_cpu_ceiling_runs_every_slice_in_every_arrangement():
     from tckr_engine.bench.ceiling import MODES, _free_workers, _inputs, _slices, measure
 
     gen = build_preset("tiny-digits")
-    parts = _slices(_inputs(gen.unet, 10), 4)
+    parts = _slices(_inputs(gen, 10), 4)
     assert [p[0].shape[0] for p in parts] == [4, 4, 2] and all(p[1].ndim == 0 for p in parts)
     seen, lock = [], threading.Lock()
 

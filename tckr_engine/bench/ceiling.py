@@ -41,13 +41,13 @@ log = logging.getLogger(__name__)
 MODES = ("intra-op", "one-thread", "free-workers", "parallel-slices")
 
 
-def _inputs(unet: torch.nn.Module, rows: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    cfg = unet.config
+def _inputs(gen: Generator, rows: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A random batch for the UNet: latents (rows, C, h, w), one timestep, text context (rows, L, D)."""
+    cfg = gen.unet.config
     g = torch.Generator().manual_seed(seed)
-    size = cfg.sample_size
-    x = torch.randn(rows, cfg.in_channels, size, size, generator=g)
+    x = torch.randn(rows, *gen.latent_shape, generator=g)
     t = torch.tensor(500)  # one timestep for the batch, as the engine's sampler passes it
-    context = torch.randn(rows, 32, cfg.cross_attention_dim, generator=g)
+    context = torch.randn(rows, gen.text_encoder.length, cfg.cross_attention_dim, generator=g)
     return x, t, context
 
 
@@ -95,7 +95,7 @@ def measure(
 
     unet = gen.unet.eval().requires_grad_(False)
     call = _call(unet)
-    full = _inputs(unet, batch)
+    full = _inputs(gen, batch)
     parts = _slices(full, rows)
     sliced = ParallelSlices([TorchDenoiser({}, gen) for _ in range(threads)], rows)
 
