@@ -51,13 +51,6 @@ def _inputs(gen: Generator, rows: int, seed: int = 0) -> tuple[torch.Tensor, ...
     return x, t, context
 
 
-def _call(unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    def call(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
-
-    return call
-
-
 def _slices(batch: tuple[torch.Tensor, ...], rows: int) -> list[tuple[torch.Tensor, ...]]:
     x, t, context = batch
     return [(x[i : i + rows], t, context[i : i + rows]) for i in range(0, x.shape[0], rows)]
@@ -92,9 +85,9 @@ def measure(
 ) -> dict[str, Any]:
     """Rows/sec per mode (median over `repeats` interleaved rounds of `calls` batch-sized calls each)."""
     from tckr_engine.engine.backends import ParallelSlices, TorchDenoiser
+    from tckr_engine.engine.sampler import unet_fn
 
-    unet = gen.unet.eval().requires_grad_(False)
-    call = _call(unet)
+    call = unet_fn(gen.unet.eval().requires_grad_(False))
     full = _inputs(gen, batch)
     parts = _slices(full, rows)
     sliced = ParallelSlices([TorchDenoiser({}, gen) for _ in range(threads)], rows)
