@@ -9,7 +9,8 @@
 # fmnist-small: (b) on Fashion-MNIST with the demo's teacher recipe (small-cnn, 3 epochs, 2 threads, seed 0:
 #   what `make demo` trains into runs/demo/teacher), trained here unless FMNIST_SMALL_TEACHER holds it;
 #   PCTS (default "20"; "20 100" adds 100 %) x FMNIST_SEEDS (default "0"), FMNIST_EPOCHS epochs.
-# Everything on CPU with one thread. Finished runs (metrics.json present) are skipped, so a rerun resumes.
+# Everything on CPU with one thread. Finished runs (metrics.json present) are skipped and an interrupted one
+# resumes from its last epoch's checkpoint, so a rerun picks up where the last one stopped.
 # Outputs: runs under $RUNS (default runs/issue5), JSON under docs/results/issue5/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,7 @@ teacher() {  # resnet-small digits teacher, 30 epochs (best epoch on the validat
 train() {  # train NAME SHARDS [extra train flags...]: one small-cnn student, skipped when finished
   local name=$1 shards=$2; shift 2
   [ -f "$R/$name/metrics.json" ] || $TE train --shards "$shards" --out "$R/$name" --teacher "$T" \
-    --dataset "${DS:-digits}" --arch small-cnn --workers 0 --threads 1 "$@" --overwrite
+    --dataset "${DS:-digits}" --arch small-cnn --workers 0 --threads 1 "$@"
   cp "$R/$name/metrics.json" "$D/runs/$name.json"
 }
 
