@@ -350,6 +350,7 @@ def _stage_evaluate(
 
     settings = lira_settings(cfg)
     privacy = out / "privacy"
+    privacy.mkdir(parents=True, exist_ok=True)  # with another run's shadows nothing else makes it
     shared = cfg.evaluate.get("shadows")  # another run's shadow folder, reused when its setup matches
     with ui("shadow models") as update:
         shadows = prepare_shadows(settings, models[0]["path"], privacy, progress=update, shadows_dir=shared)

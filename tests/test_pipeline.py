@@ -199,6 +199,29 @@ def test_cli_evaluate_shares_another_runs_shadows(tiny_pipeline, cli, tmp_path) 
     assert sorted(p.stat().st_mtime_ns for p in shadows.rglob("*")) == before
 
 
+def test_run_attacks_with_another_runs_shadows(tiny_pipeline, tmp_path) -> None:
+    """A run with `[evaluate] shadows` (the 1x study's setup: another run's teacher and shadow models) trains
+    no shadow, leaves the shared folder untouched and writes its own privacy results."""
+    _, first, report = tiny_pipeline
+    shadows = first / "privacy" / "shadows"
+    before = sorted(p.stat().st_mtime_ns for p in shadows.rglob("*"))
+    text = (
+        TINY_RUN.replace('arch = "small-cnn"\nepochs = 2\nwidth = 8', f'path = "{first / "teacher"}"', 1)
+        .replace("num_images = 120", "num_images = 40")
+        .replace('[[students]]\nname = "student-hard"\nimages = 80\nlabels = "hard"\n', "")
+        .replace("epochs = 3\n", f'epochs = 3\nshadows = "{shadows}"\n')
+    )
+    assert text.count(str(first)) == 2 and "student-hard" not in text
+    out = tmp_path / "second"
+    second = run_pipeline(load_run_config(_write(tmp_path, text)), out)
+    assert sorted(p.stat().st_mtime_ns for p in shadows.rglob("*")) == before
+    assert not (out / "privacy" / "shadows").exists()
+    assert (out / "privacy" / "student.json").is_file() and (out / "report.md").is_file()
+    teacher = {m["name"]: m for m in second["models"]}["teacher"]
+    first_teacher = {m["name"]: m for m in report["models"]}["teacher"]
+    assert teacher["privacy"]["max_auc"] == first_teacher["privacy"]["max_auc"]  # same model, same shadows
+
+
 AM_RUN = """
 [run]
 dataset = "digits"
