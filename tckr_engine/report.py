@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -142,15 +143,40 @@ def sweep_series(rows: list[dict[str, Any]]) -> dict[str, list[SweepPoint]]:
     return series
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Accuracy, attack AUC and AOP of the students against synthetic-set size, one line per label kind."""
+def sweep_reference(models: list[dict[str, Any]]) -> tuple[str, SweepPoint] | None:
+    """The sweep's dashed reference: the first model not trained on synthetic images (the teacher)."""
+    for m in models:
+        if not m.get("synthetic_images"):
+            auc = (m.get("privacy") or {}).get("max_auc")
+            nan = float("nan")
+            aop = m.get("aop")
+            point = (
+                0,
+                100 * m["test_accuracy"],
+                nan if auc is None else 100 * auc,
+                nan if aop is None else aop,
+            )
+            return m["name"], point
+    return None
+
+
+def plot_sweep(
+    rows: list[dict[str, Any]], path: Path, reference: tuple[str, SweepPoint] | None = None
+) -> Path:
+    """Accuracy, attack AUC and AOP of the students against synthetic-set size, one line per label kind;
+    `reference` (sweep_reference()) is drawn as a dashed line on each panel."""
     plt = _pyplot()
     series = sweep_series(rows)
+    sizes = sorted({p[0] for points in series.values() for p in points})
     fig, axes = plt.subplots(1, 3, figsize=(10, 3))
     for i, (ax, title) in enumerate(zip(axes, ("test accuracy (%)", "max LiRA AUC (%)", "AOP"), strict=True)):
         for label, points in series.items():
             ax.plot([p[0] for p in points], [p[i + 1] for p in points], "o-", label=label)
+        if reference is not None and not math.isnan(reference[1][i + 1]):
+            ax.axhline(reference[1][i + 1], color="grey", linestyle="--", linewidth=1, label=reference[0])
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])  # the measured sizes, not log-scale decades
+        ax.minorticks_off()
         ax.set_xlabel("synthetic images")
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
@@ -218,7 +244,7 @@ def write_report(out: str | Path, report: dict[str, Any]) -> Path:
             ]
     sweep = [m for m in models if m.get("synthetic_images")]
     if len({m["synthetic_images"] for m in sweep}) > 1:
-        plot_sweep(sweep, figures / "sweep.png")
+        plot_sweep(sweep, figures / "sweep.png", sweep_reference(models))
         lines += ["## Against synthetic-set size", "", f"![sweep]({FIGURES}/sweep.png)", ""]
     quality = report.get("quality")
     if quality:

@@ -4,7 +4,7 @@ import json
 import math
 
 from tckr_engine.eval.evaluate import _origin
-from tckr_engine.report import sweep_series, write_report
+from tckr_engine.report import sweep_reference, sweep_series, write_report
 
 
 def _student(name, images, labels, acc, auc, aop):
@@ -33,6 +33,15 @@ def test_sweep_series_groups_by_labels_and_reads_the_attack_auc():
     assert series["hard labels"] == [(12000, 80.0, 50.0, 80.0)]
     missing = sweep_series([{**ROWS[0], "privacy": None, "aop": None}])["online labels"][0]
     assert math.isnan(missing[2]) and math.isnan(missing[3])
+
+
+def test_sweep_reference_is_the_model_not_trained_on_synthetic_images():
+    teacher = {"name": "teacher", "test_accuracy": 0.91, "privacy": {"max_auc": 0.503}, "aop": 90.5}
+    assert sweep_reference(ROWS) is None
+    name, point = sweep_reference([ROWS[0], teacher, {**teacher, "name": "other"}])
+    assert name == "teacher" and point[1:] == (91.0, 50.3, 90.5)
+    _, bare = sweep_reference([{"name": "t", "test_accuracy": 0.5}])
+    assert math.isnan(bare[2]) and math.isnan(bare[3])
 
 
 def test_report_has_a_sweep_only_for_several_sizes(tmp_path):
