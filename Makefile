@@ -4,23 +4,31 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# setup: the package + onnxruntime, what `run` (so the demo) uses; setup-dev adds the dev extra for the
+# tests (pytest, ruff, triton, ray: ~1.3 GB installed, a minute of the demo's set-up it does not need).
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= runs/demo
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test lint format clean
+.PHONY: setup setup-dev data demo test lint format clean
 
 setup: $(STAMP)
+setup-dev: $(DEV_STAMP)
 
 # torch first, pinned: its CPU wheel is what everything else then resolves against (an unpinned torch
 # would pull a multi-GB CUDA build).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[export]'
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[dev]'
+	touch $(DEV_STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist, where apt is available (the digits fallback needs nothing).
 data:
@@ -36,14 +44,14 @@ data:
 demo: setup data
 	$(VENV)/bin/tckr-engine run configs/fashion-mnist-cpu.toml --out $(DEMO_OUT)
 
-test: setup data lint
+test: setup-dev data lint
 	$(PY) -m pytest -q
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check tckr_engine tests
 	$(VENV)/bin/ruff format --check tckr_engine tests
 
-format: setup
+format: setup-dev
 	$(VENV)/bin/ruff check --fix tckr_engine tests
 	$(VENV)/bin/ruff format tckr_engine tests
 
