@@ -128,36 +128,25 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
 SweepPoint = tuple[int, float, float, float]  # synthetic images, test accuracy %, max AUC %, AOP
 
 
+def _sweep_point(m: dict[str, Any], images: int) -> SweepPoint:
+    auc = (m.get("privacy") or {}).get("max_auc")
+    aop = m.get("aop")
+    nan = float("nan")
+    return (images, 100 * m["test_accuracy"], nan if auc is None else 100 * auc, nan if aop is None else aop)
+
+
 def sweep_series(rows: list[dict[str, Any]]) -> dict[str, list[SweepPoint]]:
     """Students' (images, accuracy %, max attack AUC %, AOP) by label kind, sorted by synthetic-set size."""
     series: dict[str, list[SweepPoint]] = {}
     for r in sorted(rows, key=lambda r: r["synthetic_images"]):
-        auc = (r.get("privacy") or {}).get("max_auc")
-        point = (
-            int(r["synthetic_images"]),
-            100 * r["test_accuracy"],
-            float("nan") if auc is None else 100 * auc,
-            float("nan") if r.get("aop") is None else r["aop"],
-        )
+        point = _sweep_point(r, int(r["synthetic_images"]))
         series.setdefault(f"{r.get('labels') or 'soft'} labels", []).append(point)
     return series
 
 
 def sweep_reference(models: list[dict[str, Any]]) -> tuple[str, SweepPoint] | None:
     """The sweep's dashed reference: the first model not trained on synthetic images (the teacher)."""
-    for m in models:
-        if not m.get("synthetic_images"):
-            auc = (m.get("privacy") or {}).get("max_auc")
-            nan = float("nan")
-            aop = m.get("aop")
-            point = (
-                0,
-                100 * m["test_accuracy"],
-                nan if auc is None else 100 * auc,
-                nan if aop is None else aop,
-            )
-            return m["name"], point
-    return None
+    return next(((m["name"], _sweep_point(m, 0)) for m in models if not m.get("synthetic_images")), None)
 
 
 def plot_sweep(
