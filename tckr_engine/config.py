@@ -8,6 +8,9 @@ and `generate_shards` take. Values come, in increasing priority, from the datacl
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -69,8 +72,8 @@ class GenerateConfig:
                 f"num_images={self.num_images} with shard_size={self.shard_size} needs more than "
                 f"{MAX_SHARDS} shards; raise --shard-size"
             )
-        if not isinstance(self.guidance, int | float) or self.guidance < 0:
-            raise TckrError(f"guidance must be a number >= 0, got {self.guidance!r}")
+        if not is_finite_number(self.guidance) or self.guidance < 0:
+            raise TckrError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise TckrError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         _choice("sampler", self.sampler, SAMPLERS)
@@ -110,6 +113,58 @@ def check_positive(name: str, value: Any, hi: int | None = None) -> None:
         raise TckrError(f"{name} must be at most {hi}, got {value}")
 
 
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite: what a JSON record can hold."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_field_types(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """One TckrError naming `where` and the key when a value (from TOML) does not fit `cls`'s annotation.
+
+    TOML gives strings, integers, floats, booleans, arrays and tables; this catches `lr = "1e-3"` or
+    `dataset = 5` before a `validate()` compares it, and NaN / infinite floats (not valid in a JSON record).
+    """
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            raise TckrError(f"{where} {key} must be {_describe(hint)}, got {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return is_finite_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple or hint is tuple:
+        return isinstance(value, list | tuple) and all(_fits(v, args[0]) for v in value) if args else True
+    if origin is dict or hint is dict or dataclasses.is_dataclass(hint):
+        return isinstance(value, dict) or (isinstance(hint, type) and isinstance(value, hint))
+    return True  # anything else is left to the config's validate()
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(parts) + (" (or left out)" if type(None) in typing.get_args(hint) else "")
+    if typing.get_origin(hint) is tuple:
+        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(typing.get_args(hint)[0], 'values')}"
+    return names.get(hint, "a table")
+
+
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise TckrError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -129,12 +184,21 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise TckrError(f"cannot read config file {p}: {e.strerror}") from None
 
 
-def generate_config_from_toml(path: str | Path) -> GenerateConfig:
-    """Build a GenerateConfig from the `[generate]` table of a TOML file (keys may use - or _)."""
+def generate_table(path: str | Path) -> dict[str, Any]:
+    """The `[generate]` table of a TOML file; a file without one is an error, not silently the defaults."""
     data = load_toml(path)
-    table = data.get("generate", {})
+    if "generate" not in data:
+        tables = ", ".join(f"[{k}]" for k, v in data.items() if isinstance(v, dict)) or "no tables"
+        raise TckrError(f"config file {path} has no [generate] table (it has {tables}); add one")
+    table = data["generate"]
     if not isinstance(table, dict):
         raise TckrError(f"[generate] in {path} must be a table")
+    return table
+
+
+def generate_config_from_toml(path: str | Path) -> GenerateConfig:
+    """Build a GenerateConfig from the `[generate]` table of a TOML file (keys may use - or _)."""
+    table = generate_table(path)
     known = {f.name for f in fields(GenerateConfig)} - {"extra"}
     values: dict[str, Any] = {}
     for key, value in table.items():
@@ -144,6 +208,7 @@ def generate_config_from_toml(path: str | Path) -> GenerateConfig:
                 f"unknown key '{key}' in [generate] of {path}; valid keys: {', '.join(sorted(known))}"
             )
         values[name] = value
+    check_field_types(GenerateConfig, values, f"[generate] of {path}:")
     try:
         return GenerateConfig(**values)
     except TypeError as e:  # pragma: no cover - guarded by the key check above

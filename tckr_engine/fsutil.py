@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tckr_engine.errors import TckrError
+
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a hidden temp file, fsync, rename, fsync the folder.
@@ -14,16 +16,38 @@ def atomic_write(path: Path, data: bytes) -> None:
     A reader sees either the old file or the complete new one, never a partial write.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no complete-looking leftover beside the target
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Fail early (one TckrError) when `path` cannot become a file: it is a folder, or a parent is a file.
+
+    Call before long work whose result goes to `path`, so a bad path does not waste the run.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise TckrError(f"{what} {p} is a folder; give a file path (e.g. {p / 'captions.jsonl'})")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TckrError(f"cannot write {what} {p}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise TckrError(f"cannot write {what} {p}: {parent} is not writable")
+            break
+    return p
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tckr_engine.config import GenerateConfig, load_toml
+from tckr_engine.config import GenerateConfig, check_field_types, is_finite_number, load_toml
 from tckr_engine.errors import TckrError
 
 CAPTIONERS = ("attributes", "hf", "none")
@@ -55,10 +55,11 @@ class RunConfig:
 
 
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    """`where` names the table as the user wrote it: "[teacher]", "[[students]] small", ..."""
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise TckrError(
-            f"unknown key(s) {', '.join(unknown)} in [{where}]; valid keys: {', '.join(sorted(allowed))}"
+            f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(sorted(allowed))}"
         )
 
 
@@ -74,21 +75,26 @@ def _field_names(cls: type) -> set[str]:
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     _check_keys(values, _field_names(cls), where)
+    check_field_types(cls, values, f"{where}")
     try:
         cfg = cls(**values)
     except TypeError as e:
-        raise TckrError(f"bad [{where}] table: {e}") from None
-    return cfg.validate()
+        raise TckrError(f"bad {where} table: {e}") from None
+    try:
+        return cfg.validate()
+    except TckrError as e:  # the config's own message names the field; add the table
+        raise TckrError(f"{where}: {e}") from None
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate a run config; `overrides` replace `[run]` values (CLI flags)."""
     data = load_toml(path)
     tables = {"run", "caption", "teacher", "generator", "generate", "train", "students", "evaluate"}
-    _check_keys(data, tables, "top level")
+    _check_keys(data, tables, "the top level of the file")
     run = _norm(data.get("run", {}), "run")
-    _check_keys(run, {"dataset", "seed", "threads", "device"}, "run")
+    _check_keys(run, {"dataset", "seed", "threads", "device"}, "[run]")
     run.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    check_field_types(RunConfig, run, "[run]")
     students = data.get("students", [])
     if not isinstance(students, list):
         raise TckrError("[[students]] must be an array of tables (write [[students]] for each)")
@@ -122,14 +128,17 @@ def validate_run_config(cfg: RunConfig) -> None:
     generate_config(cfg, "generator", None, None, 1)  # the [generate] table alone
     for spec in student_specs(cfg, train_size=None):
         student_config(cfg, spec)
-    if cfg.evaluate.get("enabled", True):
+    enabled = cfg.evaluate.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise TckrError(f"[evaluate] enabled must be true or false, got {enabled!r}")
+    if enabled:
         lira_settings(cfg)
 
 
 # ------------------------------------------------------------------------------ each stage's settings
 def caption_settings(cfg: RunConfig) -> dict[str, Any]:
     c = {"captioner": "attributes", "model": None, "batch_size": 32, "max_new_tokens": 20, **cfg.caption}
-    _check_keys(c, {"captioner", "model", "batch_size", "max_new_tokens"}, "caption")
+    _check_keys(c, {"captioner", "model", "batch_size", "max_new_tokens"}, "[caption]")
     if c["captioner"] not in CAPTIONERS:
         raise TckrError(f"[caption] captioner must be one of {', '.join(CAPTIONERS)}, got {c['captioner']!r}")
     if c["captioner"] == "hf" and not c["model"]:
@@ -149,7 +158,7 @@ def teacher_config(cfg: RunConfig) -> Any:
             raise TckrError(f"[teacher] path {path} is not a finished teacher folder (no metrics.json)")
         return path
     base = {"dataset": cfg.dataset, "seed": cfg.seed, "threads": cfg.threads, "device": cfg.device}
-    return _build(TeacherConfig, {**base, **table}, "teacher")
+    return _build(TeacherConfig, {**base, **table}, "[teacher]")
 
 
 def generator_settings(cfg: RunConfig) -> tuple[str, Any]:
@@ -158,13 +167,13 @@ def generator_settings(cfg: RunConfig) -> tuple[str, Any]:
     if mode not in GENERATOR_MODES:
         raise TckrError(f"[generator] mode must be one of {', '.join(GENERATOR_MODES)}, got {mode!r}")
     if mode == "reuse":
-        _check_keys(g, {"model"}, "generator")
+        _check_keys(g, {"model"}, "[generator]")
         return mode, g.get("model", GenerateConfig.model)
     if mode == "scratch":
         from tckr_engine.train.generator import ScratchConfig
 
         base = {"dataset": cfg.dataset, "seed": cfg.seed, "threads": cfg.threads}
-        return mode, _build(ScratchConfig, {**base, **g}, "generator")
+        return mode, _build(ScratchConfig, {**base, **g}, "[generator]")
     from tckr_engine.train.lora import LoraTrainConfig
 
     if "model" in g:
@@ -172,17 +181,18 @@ def generator_settings(cfg: RunConfig) -> tuple[str, Any]:
     base = {"dataset": cfg.dataset, "seed": cfg.seed, "threads": cfg.threads, "device": cfg.device}
     if "targets" in g:
         g["targets"] = tuple(g["targets"])
-    return mode, _build(LoraTrainConfig, {**base, **g}, "generator")
+    return mode, _build(LoraTrainConfig, {**base, **g}, "[generator]")
 
 
 def student_specs(cfg: RunConfig, train_size: int | None) -> list[dict[str, Any]]:
     """[[students]] (or one default student): name, synthetic image count, StudentConfig overrides."""
     gen = cfg.generate
     default_images = gen.get("num_images")
+    default_from = "[generate] num_images"
     if "ratio" in gen:
         if default_images is not None:
             raise TckrError("[generate] give num_images or ratio, not both")
-        default_images = ("ratio", gen["ratio"])
+        default_images, default_from = ("ratio", gen["ratio"]), "[generate] ratio"
     specs = cfg.students or [{"name": "student"}]
     out, names = [], set()
     for raw in specs:
@@ -195,19 +205,20 @@ def student_specs(cfg: RunConfig, train_size: int | None) -> list[dict[str, Any]
         names.add(name)
         if "images" in s and "ratio" in s:
             raise TckrError(f"[[students]] {name}: give images or ratio, not both")
-        images = s.pop("images", None)
+        images, where = s.pop("images", None), f"[[students]] {name}: images"
         if "ratio" in s:
-            images = ("ratio", s.pop("ratio"))
-        images = images if images is not None else default_images
+            images, where = ("ratio", s.pop("ratio")), f"[[students]] {name}: ratio"
+        if images is None:
+            images, where = default_images, default_from
         if images is None:
             images = GenerateConfig.num_images
         if isinstance(images, tuple):
             ratio = images[1]
-            if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio <= 0:
-                raise TckrError(f"ratio must be a positive number, got {ratio!r}")
+            if not is_finite_number(ratio) or ratio <= 0:
+                raise TckrError(f"{where} must be a positive number, got {ratio!r}")
             images = None if train_size is None else max(1, round(ratio * train_size))
         elif isinstance(images, bool) or not isinstance(images, int) or images <= 0:
-            raise TckrError(f"[[students]] {name}: images must be a positive integer, got {images!r}")
+            raise TckrError(f"{where} must be a positive integer, got {images!r}")
         out.append({"name": name, "images": images, "overrides": s})
     return out
 
@@ -217,10 +228,15 @@ def student_config(cfg: RunConfig, spec: dict[str, Any]) -> Any:
 
     base = {"dataset": cfg.dataset, "seed": cfg.seed, "threads": cfg.threads, "device": cfg.device}
     base["teacher"] = "teacher"  # replaced by the run's teacher folder once that stage has run
+    fields_ = _field_names(StudentConfig)
+    _check_keys(cfg.train, fields_, "[train]")  # name the table the user wrote the key in
+    own = f"[[students]] {spec['name']}"
+    _check_keys(spec["overrides"], fields_, own)
     table = {**base, **cfg.train, **spec["overrides"]}
     if table["teacher"] != "teacher":
-        raise TckrError(f"students.{spec['name']}: the teacher is the run's [teacher]; remove 'teacher' here")
-    return _build(StudentConfig, table, f"students.{spec['name']}")
+        where = own if "teacher" in spec["overrides"] else "[train]"
+        raise TckrError(f"{where}: the teacher is the run's [teacher]; remove 'teacher' here")
+    return _build(StudentConfig, table, f"{own} (with [train])" if cfg.students else "[train]")
 
 
 def lira_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -229,7 +245,8 @@ def lira_settings(cfg: RunConfig) -> dict[str, Any]:
     from tckr_engine.privacy import LiraConfig
 
     table = {k: v for k, v in cfg.evaluate.items() if k not in ("enabled", "shadows")}
-    _check_keys(table, _field_names(LiraConfig), "evaluate")
+    _check_keys(table, _field_names(LiraConfig), "[evaluate]")
+    check_field_types(LiraConfig, table, "[evaluate]")
     shared = cfg.evaluate.get("shadows")
     if shared is not None and (not isinstance(shared, str) or not shared.strip()):
         raise TckrError(f"[evaluate] shadows must be a folder path (a string), got {shared!r}")
@@ -269,7 +286,7 @@ def generate_config(
         except TckrError as e:
             raise TckrError(f"[generate] {e}") from None
     values.update(model=model, dataset=cfg.dataset, captions=captions, teacher=teacher, num_images=images)
-    return _build(GenerateConfig, values, "generate")
+    return _build(GenerateConfig, values, "[generate]")
 
 
 def _toml_value(v: Any) -> str:

@@ -52,6 +52,13 @@ CASES = {
     "zero shard size": (["--shard-size", "0"], ["shard_size"]),
     "oversized shard": (["--shard-size", "200000"], ["shard_size must be at most 99999"]),
     "negative guidance": (["--guidance", "-1"], ["guidance"]),
+    "nan guidance": (["--guidance", "nan"], ["guidance must be a finite number >= 0, got nan"]),
+    "unknown source beside --model": (
+        ["--source", "gan"],
+        ["--source must be diffusion, activation-max, bss"],
+    ),
+    "s3 without s3fs": ([], ["Install s3fs"]),
+    "unknown url scheme": ([], ["unknown storage protocol 's3x'"]),
     "unknown sampler": (["--sampler", "plms"], ["sampler must be one of ddim, dpm++, euler"]),
     "unknown format": (["--format", "gif"], ["image_format"]),
     "missing captions": (["--captions", "/no/captions.jsonl"], ["captions file not found"]),
@@ -71,10 +78,13 @@ def test_bad_generate_flag(cli, tmp_path, name):
         pytest.skip("a GPU is present")
     if name == "xformers not installed" and importlib.util.find_spec("xformers") is not None:
         pytest.skip("xformers is installed")
+    if name == "s3 without s3fs" and importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed")
     args, needles = CASES[name]
     out = tmp_path / "out"
+    urls = {"s3 without s3fs": "s3://bucket/shards", "unknown url scheme": "s3x://bucket/shards"}
     flags = FAST + args  # later flags win in click, so the bad value is the one used
-    result = cli("generate", "--shards", out, *flags)
+    result = cli("generate", "--shards", urls.get(name, out), *flags)
     assert_one_line_error(result, *needles)
     assert not out.exists(), "a refused run must not create its output folder"
 
@@ -151,7 +161,68 @@ def test_broken_toml(cli, tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[generate]\nnum-imagez = 3\n")
     result = cli("generate", "--shards", tmp_path / "out", "--config", cfg)
-    assert_one_line_error(result, "unknown key 'num-imagez'")
+    assert_one_line_error(result, f"unknown key 'num-imagez' in [generate] of {cfg}")  # markup kept
+
+
+@pytest.mark.parametrize("source", ["diffusion", "activation-max"])
+def test_config_without_a_generate_table_is_refused(cli, tmp_path, source):
+    cfg = tmp_path / "other.toml"
+    cfg.write_text("[train]\nepochs = 3\n")
+    result = cli("generate", "--shards", tmp_path / "out", "--config", cfg, "--source", source)
+    assert_one_line_error(result, f"config file {cfg} has no [generate] table (it has [train])")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        (lambda t: (t / "model.safetensors").write_bytes(b"\x00garbage"), "cannot read the weights"),
+        (lambda t: (t / "model.safetensors").write_bytes(b""), "cannot read the weights"),
+        (lambda t: (t / "classifier.json").write_text("{not json"), "cannot read"),
+        (
+            lambda t: (t / "classifier.json").write_text('{"arch": "small-cnn"}'),
+            "no num_classes, in_channels",
+        ),
+        (
+            lambda t: save_classifier(Classifier("small-cnn", 10, 1, 8, tuple("0123456789"), width=8), t),
+            "do not fit",  # weights of another width under the first config
+        ),
+    ],
+)
+def test_damaged_teacher_folder(cli, tmp_path, damage, needle):
+    teacher = tmp_path / "teacher"
+    save_classifier(Classifier("small-cnn", 10, 1, 8, tuple("0123456789"), width=4), teacher)
+    config = (teacher / "classifier.json").read_text()
+    damage(teacher)
+    if needle == "do not fit":
+        (teacher / "classifier.json").write_text(config)  # width 4 config, width 8 weights
+    result = cli("generate", "--shards", tmp_path / "out", *FAST, "--teacher", teacher)
+    assert_one_line_error(result, str(teacher), needle)
+    if needle == "do not fit":
+        assert "size mismatch" in result.err
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [("{broken", "cannot read"), ('{"image_size": "big", "channels": 1}', "needs integer image_size")],
+)
+def test_damaged_generator_folder(cli, tmp_path, text, needle):
+    from tckr_engine.models.generator import CONFIG_NAME, build_preset, save_generator
+
+    folder = save_generator(build_preset("tiny-digits"), tmp_path / "gen")
+    (folder / CONFIG_NAME).write_text(text)
+    result = cli("generate", "--shards", tmp_path / "out", *FAST, "--model", folder)
+    assert_one_line_error(result, str(folder / CONFIG_NAME), needle)
+
+
+def test_caption_checks_its_output_path_first(cli, tmp_path):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    assert_one_line_error(cli("caption", "--dataset", "digits", "--out", folder), "is a folder")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert_one_line_error(cli("caption", "--dataset", "digits", "--out", blocker / "c.jsonl"), "is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "existing"] and not any(folder.iterdir())
 
 
 def test_verify_names_the_corrupt_shard(cli, tiny_run, tmp_path):
@@ -162,6 +233,8 @@ def test_verify_names_the_corrupt_shard(cli, tiny_run, tmp_path):
     assert result.code == 1 and "000001.tar" in result.err and "000000.tar" not in result.err
     assert cli("verify", tiny_run).code == 0
     assert_one_line_error(cli("verify", tmp_path / "nothing"), "shard folder not found")
+    (tmp_path / "a-file").write_text("x")
+    assert_one_line_error(cli("verify", tmp_path / "a-file"), "is a file, not a shard folder")
 
 
 def test_real_subprocess_exit_code(tmp_path):

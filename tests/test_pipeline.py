@@ -123,7 +123,6 @@ def test_changed_student_settings_redo_only_that_student(tiny_pipeline, tmp_path
         (("[caption]", "[captions]"), "unknown key"),
         (('captioner = "attributes"', 'captioner = "blip"'), "captioner must be one of"),
         (('mode = "reuse"', 'mode = "dreambooth"'), "mode must be one of"),
-        (("epochs = 2\nwidth = 8", "epochs = 0\nwidth = 8"), "epochs must be a positive integer"),
         (('name = "student-hard"', 'name = "Student Hard"'), "name must be"),
         (('labels = "hard"', 'labels = "fuzzy"'), "labels must be one of"),
         (("num_shadows = 4", "num_shadows = 4\nshadow_count = 3"), "unknown key"),
@@ -134,6 +133,25 @@ def test_changed_student_settings_redo_only_that_student(tiny_pipeline, tmp_path
         (("steps = 2", "source = 'bss'"), "needs a student"),
         (("steps = 2", "source = 'activation-max'\nguidance = 2.0"), "unknown synth option"),
         (('labels = "hard"', "bss = 1"), "bss must be true or false"),
+        # a value of the wrong TOML type is named with its table, never a TypeError / AttributeError
+        (('dataset = "digits"', "dataset = 5"), r"^\[run\] dataset must be a string, got 5$"),
+        (
+            ("epochs = 2\nwidth = 8", 'epochs = 2\nwidth = 8\nlr = "1e-3"'),
+            r"^\[teacher\] lr must be a finite",
+        ),
+        (("epochs = 2\nwidth = 8", "epochs = 0\nwidth = 8"), r"^\[teacher\]: epochs must be"),
+        (("steps = 2", "steps = 2\nguidance = nan"), r"^\[generate\] guidance must be a finite number"),
+        (
+            ("num_shadows = 4", 'num_shadows = 4\nenabled = "no"'),
+            r"^\[evaluate\] enabled must be true or false",
+        ),
+        (("num_images = 120", 'num_images = "many"'), r"^\[generate\] num_images must be a positive integer"),
+        (("num_images = 120", "ratio = -1"), r"^\[generate\] ratio must be a positive number"),
+        (("workers = 0", "workers = 0\nepoch = 3"), r"^unknown key\(s\) epoch in \[train\];"),
+        (
+            ('labels = "hard"', 'labels = "hard"\nepoch = 3'),
+            r"^unknown key\(s\) epoch in \[\[students\]\] student-hard;",
+        ),
     ],
 )
 def test_bad_configs_are_one_line_errors(tmp_path, change, message) -> None:

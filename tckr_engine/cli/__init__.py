@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from tckr_engine.cli._app import app, console
 from tckr_engine.errors import TckrError
 
@@ -25,7 +27,9 @@ def main() -> None:
     try:
         app()
     except TckrError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True
+        )  # "[generate]" stays
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from tckr_engine.cli._app import RichProgress, app, console, images_per_second, progress_bar, setup_logging
 from tckr_engine.errors import TckrError
@@ -52,7 +53,7 @@ def generate(
     ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (recorded in run.json).")] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", help="Override a preset's size.")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML file with a [generate] table.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file with a \\[generate] table.")] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a folder holding another run.")
     ] = False,
@@ -106,6 +107,10 @@ def generate(
 ) -> None:
     """Generate a synthetic dataset into sharded WebDataset tars (resumable, deterministic)."""
     setup_logging(verbose)
+    from tckr_engine.synth import SOURCES
+
+    if source != "diffusion" and source not in SOURCES:  # before the flags that only fit another source
+        raise TckrError(f"--source must be diffusion, {', '.join(SOURCES)}; got {source!r}")
     if source != "diffusion":
         diffusion_only = {
             "--model": model, "--guidance": guidance, "--sampler": sampler, "--dtype": dtype,
@@ -185,19 +190,14 @@ def _generate_synthetic(
     source: str, config: Path | None, options: dict[str, Any], steps: int | None, shards: str, overwrite: bool
 ) -> None:
     """`generate --source activation-max|bss`: the teacher-driven sources of `tckr_engine.synth`."""
-    from tckr_engine.config import load_toml
-    from tckr_engine.synth import SOURCES, generate_synthetic, synth_config
+    from tckr_engine.config import generate_table
+    from tckr_engine.synth import generate_synthetic, synth_config
 
-    if source not in SOURCES:
-        raise TckrError(f"--source must be diffusion, {', '.join(SOURCES)}; got {source!r}")
     table: dict[str, Any] = {}
     if (
         config is not None
     ):  # the [generate] table: SynthConfig keys, [generate.activation_max] / [generate.bss]
-        table = load_toml(config).get("generate", {})
-        if not isinstance(table, dict):
-            raise TckrError(f"[generate] in {config} must be a table")
-        table = {k: v for k, v in table.items() if k != "source"}
+        table = {k: v for k, v in generate_table(config).items() if k != "source"}
     table |= {"source": source, **{k: v for k, v in options.items() if v is not None}}
     cfg = synth_config(table)
     if steps is not None:  # optimisation steps of the source
@@ -227,7 +227,7 @@ def verify(
 
     problems = run_verify(shards, write_index_file=write_index)
     for name, problem in problems:
-        console.print(f"[red]bad[/red] {shards.rstrip('/')}/{name}: {problem}")
+        console.print(f"[red]bad[/red] {escape(shards.rstrip('/'))}/{escape(name)}: {escape(problem)}")
     if problems:
         console.print(f"{len(problems)} problem(s) in {shards}; rerun the same 'generate' command to repair")
         raise typer.Exit(1)

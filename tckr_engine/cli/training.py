@@ -29,7 +29,9 @@ def caption(
     setup_logging(verbose)
     from tckr_engine.data import load_dataset
     from tckr_engine.data.captioners import caption_dataset, write_captions
+    from tckr_engine.fsutil import check_output_file
 
+    out = check_output_file(out, "captions file")  # before captioning the whole split
     data = load_dataset(dataset, "train")
     with progress_bar("caption") as bar:
         task = bar.add_task("caption", total=len(data))

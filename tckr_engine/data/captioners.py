@@ -18,7 +18,7 @@ import numpy as np
 
 from tckr_engine.data.datasets import ImageDataset
 from tckr_engine.errors import TckrError
-from tckr_engine.fsutil import atomic_write
+from tckr_engine.fsutil import atomic_write, check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def write_captions(path: str | Path, dataset: ImageDataset, captions: Sequence[s
             "prompt": f"{name}: {caption}",
         }
         lines.append(json.dumps(row, ensure_ascii=False))
-    path = Path(path)
+    path = check_output_file(path, "captions file")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path

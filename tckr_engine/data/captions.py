@@ -39,6 +39,10 @@ def _rows(path: str | Path, classes: Sequence[str]) -> list[tuple[int, dict, int
     """Validated (line number, row, class position) triples of a captions file."""
     p = Path(path)
     if not p.is_file():
+        if p.is_dir():
+            raise TckrError(
+                f"{p} is a folder, not a captions file; pass the file 'tckr-engine caption' wrote"
+            )
         raise TckrError(f"captions file not found: {p}; create it with 'tckr-engine caption'")
     position = {name: i for i, name in enumerate(classes)}
     try:

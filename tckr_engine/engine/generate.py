@@ -277,6 +277,10 @@ def verify(out: Location, write_index_file: bool = False) -> list[tuple[str, str
     """
     store = open_store(out)
     if not store.is_dir():
+        if store.exists():
+            raise TckrError(
+                f"{store} is a file, not a shard folder; pass the folder given to 'generate --shards'"
+            )
         raise TckrError(f"shard folder not found: {store}")
     run = read_run(store)
     if run is None:

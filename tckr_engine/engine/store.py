@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
+from tckr_engine.errors import TckrError
+
 # Protocols whose rename is a real rename (atomic on a local disk; process-local and instant in memory).
 RENAME_PROTOCOLS = frozenset({"file", "local", "memory"})
 TMP_SUFFIX = ".tmp"
@@ -45,7 +47,16 @@ class Store:
         import fsspec
 
         if is_url(location):
-            self.fs, self.root = fsspec.core.url_to_fs(str(location))
+            scheme = str(location).split("://", 1)[0]
+            try:
+                self.fs, self.root = fsspec.core.url_to_fs(str(location))
+            except ImportError as e:  # a known protocol whose package is not installed (s3fs, gcsfs, ...)
+                raise TckrError(f"{location}: {e}".splitlines()[0]) from None
+            except ValueError as e:  # "Protocol not known: ..."
+                raise TckrError(
+                    f"{location}: unknown storage protocol {scheme!r} ({e}); use a local folder or an "
+                    "fsspec URL such as file://, memory:// or s3://"
+                ) from None
         else:
             from fsspec.implementations.local import LocalFileSystem
 

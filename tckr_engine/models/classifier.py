@@ -242,6 +242,7 @@ def save_classifier(model: Classifier, path: str | Path) -> Path:
 
 def load_classifier(path: str | Path) -> Classifier:
     """Load a classifier folder; a missing or broken folder is one clear TckrError."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path).expanduser()
@@ -251,15 +252,31 @@ def load_classifier(path: str | Path) -> Classifier:
             f"classifier not found at {path}: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(train one with 'tckr-engine teacher')"
         )
+    retrain = "train it again with 'tckr-engine teacher' (or 'train')"
     try:
         cfg = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TckrError(f"cannot read {cfg_file} ({e}); {retrain}") from None
+    required = ("arch", "num_classes", "in_channels", "image_size", "classes")
+    missing = [k for k in required if k not in cfg] if isinstance(cfg, dict) else list(required)
+    if missing:
+        raise TckrError(f"{cfg_file} is not a classifier config (no {', '.join(missing)}); {retrain}")
+    try:
         cfg["classes"] = tuple(cfg["classes"])
         init_weights = cfg.pop("init_weights", None)  # the weights file below replaces them
         model = Classifier(**cfg)
-        if init_weights is not None:
-            model.config["init_weights"] = init_weights
-        model.load_state_dict(load_file(str(weights)))
-    except (json.JSONDecodeError, KeyError, TypeError, RuntimeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TckrError(f"cannot load classifier from {path}: {first}") from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise TckrError(f"{cfg_file} does not describe a classifier ({e}); {retrain}") from None
+    if init_weights is not None:
+        model.config["init_weights"] = init_weights
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError) as e:
+        raise TckrError(f"cannot read the weights {weights} ({e}); {retrain}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # "Error(s) in loading state_dict ...:" then what does not match
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        detail = lines[0][:200] if lines else str(e)[:200]
+        raise TckrError(f"the weights in {weights} do not fit {cfg_file} ({detail}); {retrain}") from None
     return model.eval()

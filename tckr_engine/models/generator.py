@@ -313,8 +313,21 @@ def _scheduler_config(folder: Path) -> dict[str, Any]:
     f = folder / "scheduler" / "scheduler_config.json"
     if not f.is_file():
         raise TckrError(f"generator folder {folder} has no scheduler/scheduler_config.json")
-    cfg = json.loads(f.read_text())
+    cfg = _read_json(f)
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _read_json(f: Path) -> dict[str, Any]:
+    """A generator folder's JSON file as a dict; unreadable or not an object is one TckrError."""
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TckrError(
+            f"cannot read {f} ({e}); the generator folder is damaged, save or train it again"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise TckrError(f"{f} is not a JSON object; the generator folder is damaged, save or train it again")
+    return cfg
 
 
 def _load_lora_generator(folder: Path, image_size: int | None = None) -> Generator:
@@ -386,20 +399,19 @@ def load_generator(spec: str, image_size: int | None = None) -> Generator:
         raise TckrError(f"cannot load the UNet from {folder / 'unet'}: {str(e).splitlines()[0]}") from None
     schedule = _scheduler_config(folder)
     if (folder / CONFIG_NAME).is_file():
-        cfg = json.loads((folder / CONFIG_NAME).read_text())
-        text = build_text_encoder(cfg["text_encoder"])
+        cfg = _read_json(folder / CONFIG_NAME)
+        try:
+            size, channels = int(cfg["image_size"]), int(cfg["channels"])
+            encoder = cfg["text_encoder"]
+            classes = tuple(cfg["classes"]) if cfg.get("classes") else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise TckrError(
+                f"{folder / CONFIG_NAME} needs integer image_size and channels and a text_encoder "
+                f"({type(e).__name__}: {e}); the generator folder is damaged, save or train it again"
+            ) from None
+        text = build_text_encoder(encoder)
         ident = f"{folder.name}@{file_digest(weights)}"
-        classes = tuple(cfg["classes"]) if cfg.get("classes") else None
-        return Generator(
-            unet,
-            text,
-            schedule,
-            "pixel",
-            int(cfg["image_size"]),
-            int(cfg["channels"]),
-            ident,
-            classes=classes,
-        )
+        return Generator(unet, text, schedule, "pixel", size, channels, ident, classes=classes)
     if (folder / "model_index.json").is_file():  # a diffusers Stable Diffusion checkpoint
         vae_w = sorted((folder / "vae").glob("*.safetensors"))
         if not vae_w:

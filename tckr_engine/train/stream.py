@@ -66,6 +66,8 @@ def open_shard_folder(path: str | Path) -> ShardFolder:
     `generate` uses to decide what to resume; `tckr-engine verify` additionally decodes every sample.
     """
     folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise TckrError(f"{folder} is a file, not a shard folder; pass the folder 'generate --shards' wrote")
     if not folder.is_dir():
         raise TckrError(f"shard folder not found: {folder}; write one with 'tckr-engine generate --shards'")
     run = read_run(folder)
