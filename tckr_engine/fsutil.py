@@ -40,14 +40,27 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         raise TckrError(f"{what} {p} is a folder; give a file path (e.g. {p / 'captions.jsonl'})")
-    for parent in p.parents:
+    _check_parents(p, what)
+    return p
+
+
+def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
+    """Fail early (one TckrError) when `path` cannot become a folder: it is a file, or a parent is a file."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise TckrError(f"{what} {p} is a file; give a folder path")
+    _check_parents(p, what)
+    return p
+
+
+def _check_parents(p: Path, what: str) -> None:
+    for parent in (p, *p.parents) if p.is_dir() else p.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise TckrError(f"cannot write {what} {p}: {parent} is a file, not a folder")
             if not os.access(parent, os.W_OK):
                 raise TckrError(f"cannot write {what} {p}: {parent} is not writable")
-            break
-    return p
+            return
 
 
 def write_json(path: Path, obj: Any) -> None:

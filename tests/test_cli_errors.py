@@ -259,3 +259,50 @@ def test_real_subprocess_exit_code(tmp_path):
         "error: num_images must be a positive integer, got 0"
     ]
     assert json.dumps(proc.stdout) == '""'
+
+
+def test_output_paths_that_are_files_are_refused_up_front(cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for args in (
+        ["teacher", "--dataset", "digits", "--epochs", "1", "--out", blocker],
+        ["train", "--shards", tmp_path, "--out", blocker / "student"],
+        ["finetune", "--preset", "tiny-digits", "--dataset", "digits", "--out", blocker],
+        ["bench", "--preset", "tiny-digits", "--out", blocker],
+    ):
+        assert_one_line_error(cli(*args), str(blocker), "is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--lr"])
+def test_finetune_zero_is_an_error_not_the_default(cli, tmp_path, flag):
+    out = tmp_path / "gen"
+    result = cli("finetune", "--preset", "tiny-digits", "--dataset", "digits", "--out", out, flag, "0")
+    assert_one_line_error(result, flag.lstrip("-").replace("-", "_"))
+    assert not out.exists()
+
+
+def test_evaluate_checks_every_model_before_training_shadows(cli, tmp_path):
+    teacher = tmp_path / "teacher"
+    save_classifier(Classifier("small-cnn", 10, 1, 8, tuple("0123456789"), width=4), teacher)
+    out = tmp_path / "eval"
+    result = cli("evaluate", tmp_path / "no-such-student", "--teacher", teacher, "--out", out)
+    assert_one_line_error(result, "classifier not found", "no-such-student")
+    assert not out.exists()
+    other = tmp_path / "other"
+    save_classifier(Classifier("small-cnn", 3, 1, 8, ("a", "b", "c"), width=4), other)
+    assert_one_line_error(
+        cli("evaluate", other, "--teacher", teacher, "--out", out), "has classes ['a', 'b', 'c']"
+    )
+    assert_one_line_error(
+        cli("evaluate", teacher, "--teacher", tmp_path / "x" / "metrics.json", "--out", out)
+    )
+    assert not out.exists()
+
+
+def test_bench_device_and_corrupt_run_record(cli, tiny_run, tmp_path):
+    assert_one_line_error(cli("bench", "--device", "tpu", "--out", tmp_path / "b"), "device must be one of")
+    out = tmp_path / "list-run"
+    shutil.copytree(tiny_run, out)
+    (out / "run.json").write_text("[]")
+    assert_one_line_error(cli("verify", out), "run.json is corrupt", "generate --shards")

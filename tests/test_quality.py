@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -113,15 +114,32 @@ def test_read_shard_images_from_a_generated_folder(tmp_path):
     assert np.array_equal(images, ref_images) and np.array_equal(labels, ref_labels)
 
 
-def test_read_shard_images_errors_are_one_line(tmp_path):
-    with pytest.raises(TckrError, match="not a shard folder"):
+def test_read_shard_images_errors_are_one_line(tmp_path, tiny_run):
+    with pytest.raises(TckrError, match=r"has no valid run\.json"):
         read_shard_images(tmp_path)
-    (tmp_path / "index.json").write_text(json.dumps({"shardlist": [{"url": "shards/000000.tar"}]}))
-    with pytest.raises(TckrError, match=r"000000.tar listed in .* is missing"):
-        read_shard_images(tmp_path)
-    (tmp_path / "index.json").write_text("{broken")
-    with pytest.raises(TckrError, match="not a valid shard index"):
-        read_shard_images(tmp_path)
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    (out / "index.json").write_text("{broken")
+    with pytest.raises(TckrError, match=r"has no valid index\.json"):
+        read_shard_images(out)
+    shutil.copy(tiny_run / "index.json", out / "index.json")
+    tar = out / "shards" / "000001.tar"
+    tar.write_bytes(tar.read_bytes()[: 512 * 4])  # cut on a tar block boundary: readable, samples missing
+    with pytest.raises(TckrError, match=r"shard .*000001.tar is not usable"):
+        read_shard_images(out)
+
+
+def test_quality_refuses_a_truncated_shard(cli, teacher, tiny_run, tmp_path):
+    from tckr_engine.models.classifier import save_classifier
+
+    save_classifier(teacher, tmp_path / "teacher")
+    out = tmp_path / "cut"
+    shutil.copytree(tiny_run, out)
+    tar = out / "shards" / "000000.tar"
+    tar.write_bytes(tar.read_bytes()[: 512 * 4])
+    result = cli("quality", out, "--teacher", tmp_path / "teacher")
+    assert result.code == 2 and "000000.tar is not usable" in result.err and "Traceback" not in result.err
+    assert not (out / "quality.json").exists()
 
 
 def test_quality_command_writes_agreement_and_distance(cli, teacher, tiny_run, tmp_path):

@@ -59,9 +59,18 @@ class RichProgress:
         self.progress.advance(self.task, n)
 
 
+class _Bar(Progress):
+    """A rich Progress that erases itself when the command fails, so an error stays the only line."""
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.live.transient = True
+        super().__exit__(exc_type, exc, tb)
+
+
 def progress_bar(label: str, *extra: Any) -> Progress:
     """The progress bar every long command shows: label, bar, count, extra columns, elapsed, remaining."""
-    return Progress(
+    return _Bar(
         TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -9,6 +9,7 @@ import typer
 
 from tckr_engine.cli._app import app, console, setup_logging, stage_bar
 from tckr_engine.errors import TckrError
+from tckr_engine.fsutil import check_output_folder
 
 
 @app.command()
@@ -61,6 +62,7 @@ def evaluate(
 ) -> None:
     """Test accuracy, LiRA membership inference (AUC, TPR at low FPR), AOP and a report for classifiers."""
     setup_logging(verbose)
+    check_output_folder(out, "evaluation folder")
     from tckr_engine.eval.evaluate import evaluate as run_evaluate
     from tckr_engine.report import headline_table
 
@@ -98,6 +100,8 @@ def run(
 ) -> None:
     """The whole pipeline from one TOML file: caption, teacher, generator, generate, train, evaluate."""
     setup_logging(verbose)
+    if out is not None:
+        check_output_folder(out, "run folder")
     from tckr_engine.pipeline import run_pipeline
     from tckr_engine.report import headline_table
     from tckr_engine.run_config import load_run_config

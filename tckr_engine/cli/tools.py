@@ -10,6 +10,7 @@ from rich.progress import TextColumn
 
 from tckr_engine.cli._app import app, console, images_per_second, progress_bar, setup_logging
 from tckr_engine.errors import TckrError
+from tckr_engine.fsutil import check_output_folder
 
 
 @app.command()
@@ -32,6 +33,7 @@ def export(
 ) -> None:
     """Export a generator UNet or a classifier to ONNX (dynamic batch, checked against PyTorch)."""
     setup_logging(verbose)
+    check_output_folder(out, "export folder")
     from tckr_engine.export.api import ExportConfig, export_model
 
     cfg = ExportConfig(
@@ -93,6 +95,7 @@ def bench(
 ) -> None:
     """Images/sec of the engine per backend x attention beside a plain diffusers pipeline (+ trainer row)."""
     setup_logging(verbose)
+    check_output_folder(out, "bench output folder")
     from tckr_engine.bench.throughput import BenchConfig, BenchProgress, format_table, run_bench
 
     def split(text: str) -> tuple[str, ...]:

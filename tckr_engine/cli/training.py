@@ -10,6 +10,7 @@ from rich.progress import TextColumn
 
 from tckr_engine.cli._app import app, console, progress_bar, setup_logging
 from tckr_engine.errors import TckrError
+from tckr_engine.fsutil import check_output_folder
 
 
 @app.command()
@@ -84,6 +85,7 @@ def finetune(
 ) -> None:
     """Train a text-conditioned generator: from scratch (built-in small UNets) or LoRA (peft, TCKR recipe)."""
     setup_logging(verbose)
+    check_output_folder(out, "generator folder")
     captions_path = str(captions) if captions else None
     if mode == "scratch":
         from tckr_engine.train.generator import ScratchConfig, train_scratch
@@ -92,9 +94,9 @@ def finetune(
             preset=preset,
             dataset=dataset,
             captions=captions_path,
-            steps=steps or 3600,
-            batch_size=batch_size or 128,
-            lr=lr or 2e-3,
+            steps=3600 if steps is None else steps,
+            batch_size=128 if batch_size is None else batch_size,
+            lr=2e-3 if lr is None else lr,
             seed=seed,
             checkpoint_every=checkpoint_every,
             sample_every=sample_every,
@@ -114,10 +116,10 @@ def finetune(
             rank=rank,
             alpha=alpha,
             targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-            lr=lr or 1e-4,
+            lr=1e-4 if lr is None else lr,
             epochs=epochs,
             steps=steps,
-            batch_size=batch_size or 1,
+            batch_size=1 if batch_size is None else batch_size,
             grad_accum=grad_accum,
             random_flip=flip == "random",
             seed=seed,
@@ -158,6 +160,7 @@ def teacher(
 ) -> None:
     """Train the teacher classifier on real data (best epoch chosen on a validation split of train)."""
     setup_logging(verbose)
+    check_output_folder(out, "teacher folder")
     from tckr_engine.train.teacher import TeacherConfig, train_teacher
 
     cfg = TeacherConfig(
@@ -227,6 +230,7 @@ def train(
 ) -> None:
     """Train a student on synthetic shards with Generative Knowledge Distillation (optionally + BSS)."""
     setup_logging(verbose)
+    check_output_folder(out, "student folder")
     from tckr_engine.train.gkd import StudentConfig, train_student
 
     cfg = StudentConfig(

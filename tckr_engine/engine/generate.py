@@ -77,11 +77,15 @@ def read_run(out: Location) -> dict[str, Any] | None:
     except OSError as e:
         raise TckrError(f"cannot read {store.path(RUN_FILE)}: {e}") from None
     try:
-        return json.loads(data)
+        run = json.loads(data)
     except ValueError:
+        run = None
+    if not isinstance(run, dict):
         raise TckrError(
-            f"{store.path(RUN_FILE)} is corrupt; rerun with --overwrite to start the folder afresh"
+            f"{store.path(RUN_FILE)} is corrupt; regenerate the folder with 'tckr-engine generate --shards "
+            f"{store} --overwrite'"
         ) from None
+    return run
 
 
 def _refuse_other_run(store: Store, diff: list[str]) -> None:

@@ -125,6 +125,7 @@ def evaluate(
     named = dict(models)
     if all(Path(p).expanduser().resolve() != teacher.resolve() for p in named.values()):
         named = {"teacher": teacher, **named}
+    _check_models(named, teacher)  # a typo or a model of other classes fails before any shadow trains
     shadows = prepare_shadows(lira_settings(dict(settings or {})), teacher, out, progress, shadows_dir)
     out.mkdir(parents=True, exist_ok=True)  # with shared shadows nothing has made it yet
     results = []
@@ -145,6 +146,18 @@ def evaluate(
         report["shards"] = str(shards)
     write_report(out, report)
     return report
+
+
+def _check_models(named: dict[str, Any], teacher: Path) -> None:
+    """Every model folder loads and has the teacher's classes (else one TckrError naming the first)."""
+    classes = load_classifier(teacher).classes
+    for name, path in named.items():
+        model = load_classifier(path)
+        if tuple(model.classes) != tuple(classes):
+            raise TckrError(
+                f"model {name} ({path}) has classes {list(model.classes)}, the teacher {list(classes)}; "
+                "evaluate models of the teacher's dataset"
+            )
 
 
 def _origin(path: str | Path) -> dict[str, Any]:

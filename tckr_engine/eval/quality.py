@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -115,29 +114,17 @@ def frechet_distance(
 def read_shard_images(shard_folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """All images uint8 (N, H, W, C) and class indices int64 (N,) of a shard folder, in index order.
 
-    Reads `OUT/index.json` and the listed tars with webdataset. Grayscale images give C = 1, colour C = 3.
+    Checks the folder as the trainer does (`open_shard_folder`: run.json, index.json, every tar against its
+    stats file), reads the listed tars with webdataset and checks the sample count against the index.
+    Grayscale images give C = 1, colour C = 3.
     """
     import webdataset as wds
     from PIL import Image
 
-    folder = Path(shard_folder).expanduser()
-    index_file = folder / "index.json"
-    try:
-        index = json.loads(index_file.read_text())
-        urls = [str(folder / entry["url"]) for entry in index["shardlist"]]
-    except FileNotFoundError:
-        raise TckrError(
-            f"{index_file} not found: not a shard folder (write one with 'tckr-engine generate')"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise TckrError(
-            f"{index_file} is not a valid shard index ({e}); rerun 'tckr-engine generate'"
-        ) from None
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise TckrError(f"shard {missing[0]} listed in {index_file} is missing; rerun 'tckr-engine generate'")
-    if not urls:
-        raise TckrError(f"{index_file} lists no shards")
+    from tckr_engine.train.stream import open_shard_folder
+
+    shards = open_shard_folder(shard_folder)  # run.json, index.json, every tar against its stats file
+    folder, urls = shards.path, list(shards.urls)
     images, labels = [], []
     try:
         # Basic decoders only (cls, txt, json): image bytes are decoded here so grayscale stays one channel.
@@ -161,6 +148,11 @@ def read_shard_images(shard_folder: str | Path) -> tuple[np.ndarray, np.ndarray]
         raise TckrError(
             f"images in {folder} differ in size or channels: {sorted({im.shape for im in images})}"
         )
+    if len(images) != shards.images:  # a tar cut on a record boundary reads without an error
+        raise TckrError(
+            f"read {len(images)} samples from {folder}, its index lists {shards.images}; "
+            f"check them with 'tckr-engine verify {folder}'"
+        )
     log.info("read %d images from %d shard(s) in %s", len(images), len(urls), folder)
     return np.stack(images), np.asarray(labels, dtype=np.int64)  # (N, H, W, C), (N,)
 
@@ -174,14 +166,10 @@ def synthetic_quality(shard_folder: str | Path, teacher_path: str | Path, batch_
     from tckr_engine.data import load_dataset
     from tckr_engine.fsutil import write_json
     from tckr_engine.models.classifier import load_classifier
+    from tckr_engine.train.stream import open_shard_folder
 
     folder = Path(shard_folder)
-    try:
-        spec = json.loads((folder / "run.json").read_text())["spec"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        raise TckrError(
-            f"{folder} has no readable run.json; pass a folder written by 'tckr-engine generate'"
-        ) from None
+    spec = open_shard_folder(folder).spec  # checked before the teacher and the images are loaded
     teacher = load_classifier(teacher_path)
     if list(teacher.classes) != list(spec["classes"]):
         raise TckrError(f"teacher {teacher_path} classes differ from the shards' classes {spec['classes']}")

@@ -139,9 +139,11 @@ def teacher_setup(teacher_dir: str | Path, **overrides: Any) -> tuple[LiraConfig
         base |= {"shift": aug["shift"], "hflip": aug["hflip"], "val_fraction": c["val_fraction"]}
         base |= {"split_seed": c["seed"], "device": c.get("device", "cpu"), "threads": c.get("threads")}
         dataset = str(metrics["dataset"])
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise TckrError(f"no finished teacher run at {path.parent}: {path.name} is missing") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except OSError as e:
+        raise TckrError(f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or not UTF-8
         raise TckrError(f"cannot read the teacher recipe from {path}: {type(e).__name__} {e}") from None
     unknown = set(overrides) - {f.name for f in dataclasses.fields(LiraConfig)}
     if unknown:

@@ -185,7 +185,8 @@ def train_shadows(
                 what = "an unreadable setup" if old is None else "another setup"
                 diff = "" if old is None else f" ({_differences(old.get('identity', {}), identity)})"
                 raise TckrError(
-                    f"{out} holds shadow models of {what}{diff}; choose a new folder or --overwrite"
+                    f"{out} holds shadow models of {what}{diff}; choose another shadows folder, or delete "
+                    "this one to train them again"
                 )
             log.info("overwriting the shadow models in %s", out)
             _clear(out)
