@@ -48,7 +48,7 @@ def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
     """Fail early (one TckrError) when `path` cannot become a folder: it is a file, or a parent is a file."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
-        raise TckrError(f"{what} {p} is a file; give a folder path")
+        raise TckrError(f"{what} {p} is a file, not a folder; give a folder path")
     _check_parents(p, what)
     return p
 

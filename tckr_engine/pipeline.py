@@ -70,7 +70,9 @@ class Stages:
             self.state: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
         except FileNotFoundError:
             self.state = {}
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
+            self.state = None  # type: ignore[assignment]
+        if not isinstance(self.state, dict) or not all(isinstance(v, dict) for v in self.state.values()):
             raise TckrError(f"{self.path} is unreadable; delete it to redo every stage") from None
 
     def plan(self, stage: str, fp: str) -> str:

@@ -306,3 +306,28 @@ def test_bench_device_and_corrupt_run_record(cli, tiny_run, tmp_path):
     shutil.copytree(tiny_run, out)
     (out / "run.json").write_text("[]")
     assert_one_line_error(cli("verify", out), "run.json is corrupt", "generate --shards")
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--threads", "-1"], "threads must be a positive integer"),
+        (["--mode", "lora", "--base", "x", "--epochs", "inf"], "epochs must be finite numbers > 0"),
+        (["--mode", "lora", "--base", "x", "--threads", "0"], "threads must be a positive integer"),
+    ],
+)
+def test_finetune_settings_are_checked(cli, tmp_path, args, needle):
+    out = tmp_path / "gen"
+    result = cli("finetune", "--preset", "tiny-digits", "--dataset", "digits", "--out", out, *args)
+    assert_one_line_error(result, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"[]", b'{"teacher": 3}', b"\xff\xfe"])
+def test_run_with_a_damaged_stages_file(tmp_path, content):
+    from tckr_engine.errors import TckrError
+    from tckr_engine.pipeline import Stages
+
+    (tmp_path / "stages.json").write_bytes(content)
+    with pytest.raises(TckrError, match=r"stages\.json is unreadable; delete it"):
+        Stages(tmp_path, set())

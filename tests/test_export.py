@@ -192,11 +192,19 @@ def test_bad_export_inputs_are_one_line_errors(cli, tmp_path, args, needles):
 def test_unwritable_or_occupied_targets_are_refused(cli, tmp_path, unet_export):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    assert_one_line_error(cli("export", "tiny-digits", "--out", blocker / "sub"), "cannot create")
-    assert_one_line_error(cli("export", "tiny-digits", "--out", blocker), "not a folder")
+    assert_one_line_error(
+        cli("export", "tiny-digits", "--out", blocker / "sub"), "a-file is a file, not a folder"
+    )
+    assert_one_line_error(cli("export", "tiny-digits", "--out", blocker), "a-file is a file, not a folder")
     before = (unet_export / "export.json").read_text()
     assert_one_line_error(cli("export", "tiny-digits", "--out", unet_export), "--overwrite")
     assert (unet_export / "export.json").read_text() == before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    result = cli("export", "tiny-digits", "--out", foreign, "--overwrite")
+    assert_one_line_error(result, "holds other files", "replaces only an earlier export")
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -83,9 +83,16 @@ def export_versions() -> dict[str, str]:
 def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise TckrError(f"export target {out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        what = "an export" if (out / INFO_FILE).is_file() else "other files"
-        raise TckrError(f"export folder {out} already holds {what}; pass --overwrite or choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / INFO_FILE).is_file():  # never delete what is not ours, even with --overwrite
+            raise TckrError(
+                f"export folder {out} holds other files (no {INFO_FILE}); choose another --out "
+                "(--overwrite replaces only an earlier export)"
+            )
+        if not overwrite:
+            raise TckrError(
+                f"export folder {out} already holds an export; pass --overwrite or choose another --out"
+            )
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

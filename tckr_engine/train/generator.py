@@ -62,6 +62,8 @@ class ScratchConfig:
             raise TckrError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if not 0 < self.ema_decay < 1:
             raise TckrError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.threads is not None:
+            check_positive("threads", self.threads, hi=1024)
         return self
 
     def identity(self) -> dict[str, Any]:

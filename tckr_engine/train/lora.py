@@ -75,12 +75,16 @@ class LoraTrainConfig:
             check_positive(name, getattr(self, name))
         if self.steps is not None:
             check_positive("steps", self.steps)
+        if self.threads is not None:
+            check_positive("threads", self.threads, hi=1024)
         if not self.base:
             raise TckrError(
                 "a LoRA needs a base model: pass --base FOLDER (an SD checkpoint or generator folder)"
             )
-        if not self.alpha > 0 or not self.epochs > 0:
-            raise TckrError(f"alpha and epochs must be > 0, got alpha={self.alpha}, epochs={self.epochs}")
+        if not 0 < self.alpha < math.inf or not 0 < self.epochs < math.inf:
+            raise TckrError(
+                f"alpha and epochs must be finite numbers > 0, got alpha={self.alpha}, epochs={self.epochs}"
+            )
         if not 0 < self.lr < 1:
             raise TckrError(f"lr must be in (0, 1), got {self.lr}")
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
