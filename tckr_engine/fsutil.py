@@ -15,17 +15,24 @@ def atomic_write(path: Path, data: bytes) -> None:
 
     A reader sees either the old file or the complete new one, never a partial write.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
+    atomic_replace(path.with_name(f".{path.name}.tmp"), path, data)
+
+
+def atomic_replace(tmp: Path, target: Path, data: bytes) -> None:
+    """`data` into `tmp`, flush + fsync, rename over `target`, fsync the folder (DESIGN.md commit protocol).
+
+    On any failure `tmp` is removed, so nothing complete-looking is left beside the target.
+    """
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # no complete-looking leftover beside the target
+        tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

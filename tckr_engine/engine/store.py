@@ -19,13 +19,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import posixpath
 import uuid
 from pathlib import Path
 from typing import IO, Any
 
 from tckr_engine.errors import TckrError
+from tckr_engine.fsutil import atomic_replace
 
 # Protocols whose rename is a real rename (atomic on a local disk; process-local and instant in memory).
 RENAME_PROTOCOLS = frozenset({"file", "local", "memory"})
@@ -138,7 +138,7 @@ class Store:
         head, name = posixpath.split(target)
         tmp = posixpath.join(head, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
         if self.is_local:
-            _local_atomic_write(tmp, target, data)
+            atomic_replace(Path(tmp), Path(target), data)
             return
         try:
             self.fs.pipe_file(tmp, data)
@@ -158,24 +158,6 @@ class Store:
     def remove_tree(self, rel: str) -> None:
         if self.fs.exists(self.path(rel)):
             self.fs.rm(self.path(rel), recursive=True)
-
-
-def _local_atomic_write(tmp: str, target: str, data: bytes) -> None:
-    """tmp file, flush + fsync, rename over the target, fsync the folder (DESIGN.md commit protocol)."""
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(os.path.dirname(target), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def open_store(location: Store | str | Path) -> Store:
