@@ -193,7 +193,7 @@ def test_shadows_are_reused_not_retrained(shadows):
     assert np.array_equal(again.scores, shadows.scores) and np.array_equal(again.masks, shadows.masks)
     # Runtime-only fields do not change what the shadows are.
     assert train_shadows(dataclasses.replace(CFG, eval_batch_size=64), "digits", shadows.path).trained == 0
-    with pytest.raises(TckrError, match=r"another setup \(epochs 30 -> 31\).*--overwrite"):
+    with pytest.raises(TckrError, match=r"another setup \(epochs 30 -> 31\).*delete this one"):
         train_shadows(dataclasses.replace(CFG, epochs=31), "digits", shadows.path)
     assert load_shadows(shadows.path).fingerprint == shadows.fingerprint
 

@@ -148,9 +148,10 @@ def read_shard_images(shard_folder: str | Path) -> tuple[np.ndarray, np.ndarray]
         raise TckrError(
             f"images in {folder} differ in size or channels: {sorted({im.shape for im in images})}"
         )
-    if len(images) != shards.images:  # a tar cut on a record boundary reads without an error
+    listed = sum(shards.nsamples)
+    if len(images) != listed:  # a tar cut on a record boundary reads without an error
         raise TckrError(
-            f"read {len(images)} samples from {folder}, its index lists {shards.images}; "
+            f"read {len(images)} samples from {folder}, its index lists {listed}; "
             f"check them with 'tckr-engine verify {folder}'"
         )
     log.info("read %d images from %d shard(s) in %s", len(images), len(urls), folder)
