@@ -27,9 +27,8 @@ def main() -> None:
     try:
         app()
     except TckrError as e:
-        console.print(
-            f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True
-        )  # "[generate]" stays
+        # escaped: a message naming a table ("[generate]") is text, not rich markup
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: committed shards are kept; rerun the same command to resume")

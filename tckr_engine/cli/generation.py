@@ -194,9 +194,7 @@ def _generate_synthetic(
     from tckr_engine.synth import generate_synthetic, synth_config
 
     table: dict[str, Any] = {}
-    if (
-        config is not None
-    ):  # the [generate] table: SynthConfig keys, [generate.activation_max] / [generate.bss]
+    if config is not None:  # SynthConfig keys, [generate.activation_max] / [generate.bss]
         table = {k: v for k, v in generate_table(config).items() if k != "source"}
     table |= {"source": source, **{k: v for k, v in options.items() if v is not None}}
     cfg = synth_config(table)
