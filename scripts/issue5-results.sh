@@ -9,7 +9,8 @@
 # fmnist-small: (b) on Fashion-MNIST with the demo's teacher recipe (small-cnn, 3 epochs, 2 threads, seed 0:
 #   what `make demo` trains into runs/demo/teacher), trained here unless FMNIST_SMALL_TEACHER holds it;
 #   PCTS (default "20"; "20 100" adds 100 %) x FMNIST_SEEDS (default "0") x KINDS (default "kd bss": plain KD,
-#   KD + BSS; one kind per job lets two single-thread jobs share a 2-core machine), FMNIST_EPOCHS epochs.
+#   KD + BSS; "kdce" adds the BSS recipe with beta 0; one kind per job lets two single-thread jobs share a 2-core
+#   machine), FMNIST_EPOCHS epochs.
 # Everything on CPU with one thread. Finished runs (metrics.json present) are skipped and an interrupted one
 # resumes from its last epoch's checkpoint, so a rerun picks up where the last one stopped.
 # Outputs: runs under $RUNS (default runs/issue5), JSON under docs/results/issue5/.
@@ -103,7 +104,9 @@ fmnist_small() {  # Fashion-MNIST: KD vs KD + BSS with the demo's small-cnn teac
         case $kind in
           kd) train "fmnist-small-$pct-kd-s$seed" "$shards" --epochs "$FMNIST_EPOCHS" --seed "$seed" ;;
           bss) train "fmnist-small-$pct-bss-s$seed" "$shards" --epochs "$FMNIST_EPOCHS" --seed "$seed" --bss ;;
-          *) echo "unknown kind '$kind' in KINDS (use kd and/or bss)" >&2; exit 2 ;;
+          kdce) train "fmnist-small-$pct-kdce-s$seed" "$shards" --epochs "$FMNIST_EPOCHS" --seed "$seed" \
+            --bss --bss-beta 0 ;;  # the BSS recipe without its boundary term (the control)
+          *) echo "unknown kind '$kind' in KINDS (use kd, bss and/or kdce)" >&2; exit 2 ;;
         esac
       done
     done
