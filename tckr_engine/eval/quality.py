@@ -14,12 +14,16 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from tckr_engine.errors import TckrError
 from tckr_engine.models.classifier import Classifier
+
+if TYPE_CHECKING:
+    from tckr_engine.train.stream import ShardFolder
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +115,22 @@ def frechet_distance(
     return frechet_distance_from_features(real, fake)
 
 
-def read_shard_images(shard_folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_shard_images(shard_folder: str | Path | ShardFolder) -> tuple[np.ndarray, np.ndarray]:
     """All images uint8 (N, H, W, C) and class indices int64 (N,) of a shard folder, in index order.
 
     Checks the folder as the trainer does (`open_shard_folder`: run.json, index.json, every tar against its
-    stats file), reads the listed tars with webdataset and checks the sample count against the index.
+    stats file; pass an already opened `ShardFolder` to skip the second check), reads the listed tars with
+    webdataset and checks the sample count against the index.
     Grayscale images give C = 1, colour C = 3.
     """
     import webdataset as wds
     from PIL import Image
 
-    from tckr_engine.train.stream import open_shard_folder
+    from tckr_engine.train.stream import ShardFolder, open_shard_folder
 
-    shards = open_shard_folder(shard_folder)  # run.json, index.json, every tar against its stats file
+    shards = (  # run.json, index.json, every tar against its stats file
+        shard_folder if isinstance(shard_folder, ShardFolder) else open_shard_folder(shard_folder)
+    )
     folder, urls = shards.path, list(shards.urls)
     images, labels = [], []
     try:
@@ -170,11 +177,12 @@ def synthetic_quality(shard_folder: str | Path, teacher_path: str | Path, batch_
     from tckr_engine.train.stream import open_shard_folder
 
     folder = Path(shard_folder)
-    spec = open_shard_folder(folder).spec  # checked before the teacher and the images are loaded
+    shards = open_shard_folder(folder)  # checked (each tar hashed) once, before the teacher is loaded
+    spec = shards.spec
     teacher = load_classifier(teacher_path)
     if list(teacher.classes) != list(spec["classes"]):
         raise TckrError(f"teacher {teacher_path} classes differ from the shards' classes {spec['classes']}")
-    fake, labels = read_shard_images(folder)
+    fake, labels = read_shard_images(shards)
     real = load_dataset(spec["dataset"], "test")
     result = {
         "shards": str(folder),
