@@ -113,6 +113,11 @@ def check_positive(name: str, value: Any, hi: int | None = None) -> None:
         raise TckrError(f"{name} must be at most {hi}, got {value}")
 
 
+def is_number(value: Any) -> bool:
+    """An int or float (not a bool) that is not NaN; infinities pass (bounds are the caller's check)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
 def is_finite_number(value: Any) -> bool:
     """An int or float (not a bool) that is neither NaN nor infinite: what a JSON record can hold."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

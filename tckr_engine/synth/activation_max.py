@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tckr_engine.config import is_number
 from tckr_engine.errors import TckrError
 from tckr_engine.models.classifier import Classifier
 
@@ -78,10 +79,6 @@ class ActivationMaxConfig:
         for name in ("lr", "l2", "tv", "bn", "init_std"):
             out[name] = float(out[name])
         return out
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 def auto_jitter(image_size: int) -> int:

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tckr_engine.config import is_number
 from tckr_engine.errors import TckrError
 from tckr_engine.models.classifier import Classifier
-from tckr_engine.synth.activation_max import is_number, valid_range
+from tckr_engine.synth.activation_max import valid_range
 
 GAP_EPS = 1e-4  # the reference's `pert + 1e-4`: a sample on the boundary still moves a little
 
