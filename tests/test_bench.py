@@ -54,8 +54,12 @@ def test_cli_bench_writes_results_and_engine_matches_baseline(cli, tmp_path):
     assert rows[("generate", "tensorrt", "graph")]["status"].startswith("skipped: ")
     assert rows[("generate", "torch", "xformers")]["status"].startswith("skipped: ")
     stream, memory = rows[("train", "stream", "-")], rows[("train", "memory", "-")]
-    assert stream["images_per_s"] > 0 and memory["images_per_s"] > 0
+    assert stream["images_per_s"] > 0 and memory["images_per_s"] > 0 and stream["repeats"] == 2
+    assert stream["images_per_s_min"] <= stream["images_per_s"] <= stream["images_per_s_max"]
     assert result["trainer"]["stream_vs_memory"] == stream["ratio_to_baseline"]
+    loader = result["trainer"]["loader"]  # the loader alone: the ceiling of the stream row
+    assert loader["samples"] >= stream["images"] and loader["samples_per_s"] > 0
+    assert f"the loader alone {loader['samples_per_s']:.0f} samples/s" in stream["notes"]
 
     with stem.with_suffix(".csv").open() as f:
         table = list(csv.DictReader(f))
@@ -195,3 +199,47 @@ def test_bad_config_is_one_clear_error(changes, words):
 def test_cli_bad_batch_sizes(cli):
     res = cli("bench", "--batch-sizes", "64,abc")
     assert res.code == 2 and "--batch-sizes" in res.err and "Traceback" not in res.err
+
+
+def test_trainer_bench_command_on_a_shard_folder(tiny_run, tmp_path):
+    """`python -m tckr_engine.bench.trainer`: the trainer row alone on any shard folder (loader A/B)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "trainer.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tckr_engine.bench.trainer",
+        "--shards",
+        str(tiny_run),
+        "--arch",
+        "small-cnn",
+    ]
+    args = [
+        "--batch-size",
+        "8",
+        "--steps",
+        "3",
+        "--repeats",
+        "2",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["steps"] == 3 and result["arch"] == "small-cnn" and result["threads"] == 1
+    assert result["repeats"] == 2 and result["memory"]["samples"] == result["stream"]["samples"] == 24
+    for mode in ("memory", "stream", "loader"):
+        m = result[mode]
+        assert m["samples"] == 24 and m["samples_per_s_min"] <= m["samples_per_s"] <= m["samples_per_s_max"]
+    assert (
+        result["shards"] == str(tiny_run.resolve()) and result["git_sha"] and "stream / memory" in done.stderr
+    )
+    bad = subprocess.run([*cmd[:3], "--shards", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "shard folder not found" in bad.stderr and "Traceback" not in bad.stderr

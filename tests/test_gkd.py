@@ -1,8 +1,10 @@
 """GKD student trainer: loss by hand, streaming loader, regeneration rounds, label modes, resume, errors."""
 
+import io
 import json
 import math
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -156,6 +158,137 @@ def test_shard_loader_streams_every_sample_once_with_exact_batch_counts(pool, mo
     batches = list(shard_loader(folder.urls, 16, 0, 50, 0))
     assert {k[:6] for b in batches for k in b["keys"]} == {"000001", "000003", "000005"}
     assert len(batches) == epoch_batches(folder.nsamples, 16, 0, rank=1, world_size=2) == 4
+
+
+def _webdataset_loader(urls, batch_size, workers, shuffle_buffer, seed, logits):
+    """The loader as webdataset's own `WebDataset` (tarfile-based) pipeline builds it: the reference."""
+    import functools
+
+    import webdataset as wds
+
+    from tckr_engine.train.stream import _collate, _decode
+
+    ds = wds.WebDataset(
+        list(urls),
+        shardshuffle=len(urls) if shuffle_buffer else False,
+        nodesplitter=wds.split_by_node,
+        workersplitter=wds.split_by_worker,
+        seed=seed,
+        empty_check=False,
+    )
+    if shuffle_buffer:
+        ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.map(functools.partial(_decode, logits=logits)).batched(batch_size, collation_fn=_collate)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(urls)))
+
+
+@pytest.mark.parametrize("workers, buffer, logits", [(0, 0, False), (0, 50, True), (2, 30, True)])
+def test_shard_loader_yields_webdatasets_own_batches(pool, workers, buffer, logits):
+    urls = open_shard_folder(pool).urls
+    ours = list(shard_loader(urls, 16, workers, buffer, 7, logits=logits))
+    ref = list(_webdataset_loader(urls, 16, workers, buffer, 7, logits))
+    assert len(ours) == len(ref) == epoch_batches([20] * 6, 16, workers)
+    for a, b in zip(ours, ref, strict=True):
+        assert a["keys"] == b["keys"] and a["urls"] == b["urls"]
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["cls"], b["cls"])
+        assert not logits or torch.equal(a["logits"], b["logits"])
+
+
+def _tar(path, members, fmt=tarfile.USTAR_FORMAT):
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_reader_groups_files_like_webdataset(tmp_path):
+    import webdataset as wds
+
+    from tckr_engine.train.stream import _tar_samples
+
+    deep = "d" * 90 + "/" + "e" * 60  # > 100 characters: stored with the ustar prefix field
+    members = [
+        ("a/b", None),  # a directory
+        ("__index__", b"{}"),  # webdataset skips __...__ names
+        ("__meta__/x.json", b"{}"),
+        ("__m__.json", b"{}"),  # but not this one: a sample with key __m__
+        ("README", b"no extension: no sample"),
+        ("x1.png", b"P1"), ("x1.cls", b"3"), ("x1.txt", b"a shirt"), ("x1.logits.npy", b"L1"),
+        ("x2.PNG", b"P2"), ("x2.cls", b""),
+        (f"{deep}/x3.png", b"P3" * 700), (f"{deep}/x3.cls", b"1"),
+        ("x4.txt", b"only a caption"),
+    ]  # fmt: skip
+    url = str(_tar(tmp_path / "s.tar", members))
+    keep = frozenset({"png", "cls", "logits.npy"})
+    with open(url, "rb") as f:
+        ours = list(_tar_samples(iter([{"url": url, "stream": f}]), keep))
+    ref = [
+        {k: v for k, v in s.items() if k in keep or k in ("__key__", "__url__")}
+        for s in wds.tariterators.tarfile_samples(iter([{"url": url}]))
+    ]
+    assert ours == ref and [s["__key__"] for s in ours] == ["__m__", "x1", "x2", f"{deep}/x3", "x4"]
+    assert ours[3]["png"] == b"P3" * 700 and set(ours[4]) == {"__key__", "__url__"}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate-data", "ends inside"),
+        ("truncate-header", "not a readable USTAR tar"),
+        ("not-a-tar", "not a readable USTAR tar"),
+        ("checksum", "bad checksum"),
+        ("pax", "long-name tar records"),
+        ("duplicate", "appears twice"),
+    ],
+)
+def test_tar_reader_refuses_damaged_or_foreign_tars(tmp_path, damage, message):
+    from tckr_engine.train.stream import _tar_samples
+
+    members = [("k1.png", b"x" * 600), ("k1.cls", b"1"), ("k2.png", b"y" * 600), ("k2.cls", b"2")]
+    if damage == "duplicate":
+        members.append(("k2.cls", b"3"))
+    path = _tar(tmp_path / "s.tar", members if damage != "pax" else [("p" * 120 + ".png", b"z")],
+                tarfile.PAX_FORMAT if damage == "pax" else tarfile.USTAR_FORMAT)  # fmt: skip
+    data = path.read_bytes()
+    if damage == "truncate-data":
+        data = data[: 512 * 6 + 100]  # inside the data of k2.png (k1: 512 + 1024, 512 + 512)
+    elif damage == "truncate-header":
+        data = data[: 512 * 5 + 100]  # inside the header of k2.png
+    elif damage == "not-a-tar":
+        data = b"PK\x03\x04" + bytes(2000)
+    elif damage == "checksum":
+        data = data[:10] + b"Z" + data[11:]  # a byte of the first member's name
+    path.write_bytes(data)
+    with pytest.raises(TckrError, match=message) as e, open(path, "rb") as f:
+        list(_tar_samples(iter([{"url": str(path), "stream": f}]), frozenset({"png", "cls"})))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(10, dtype=np.float16),
+        np.zeros((3, 4), np.float32),
+        np.asfortranarray(np.ones((3, 4))),  # left to np.load
+        np.array(5.0),
+        np.arange(6, dtype=">i4"),
+    ],
+)
+def test_npy_fast_path_equals_np_load(array):
+    from tckr_engine.train.stream import _load_npy
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    got = _load_npy(buf.getvalue())
+    assert got.dtype == array.dtype and got.shape == array.shape and np.array_equal(got, array)
+    with pytest.raises(ValueError):  # a truncated file is np.load's error, not a short array
+        _load_npy(buf.getvalue()[:-2])
 
 
 def test_pool_rounds_are_disjoint_and_a_small_pool_is_refused(pool, tmp_path):

@@ -480,8 +480,9 @@ def _trainer_rows(
     progress.status(f"trainer row: {cfg.train_steps} steps streaming vs in memory")
     try:
         t = trainer_throughput(
-            urls, classes, device, cfg.train_batch_size, cfg.train_steps, cfg.train_workers
-        )
+            urls, classes, device, cfg.train_batch_size, cfg.train_steps, cfg.train_workers,
+            repeats=cfg.repeats,
+        )  # fmt: skip
     except Exception as e:
         status = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
         return [{**base, "name": "trainer", "backend": "-", "status": status}]
@@ -490,7 +491,8 @@ def _trainer_rows(
     for mode in ("memory", "stream"):
         m = t[mode]
         extra = (
-            f"; {t['workers']} DataLoader workers, shuffle buffer {t['shuffle_buffer']}"
+            f"; {t['workers']} DataLoader workers, shuffle buffer {t['shuffle_buffer']}; "
+            f"the loader alone {t['loader']['samples_per_s']:.0f} samples/s"
             if mode == "stream"
             else ""
         )
@@ -498,7 +500,9 @@ def _trainer_rows(
             {
                 **base, "name": f"trainer-{mode}", "backend": mode, "status": "ok",
                 "images": m["samples"], "images_per_s": m["samples_per_s"], "seconds_median": m["seconds"],
-                "repeats": 1, "ratio_to_baseline": 1.0 if mode == "memory" else t["stream_vs_memory"],
+                "images_per_s_min": m["samples_per_s_min"], "images_per_s_max": m["samples_per_s_max"],
+                "repeats": t["repeats"],
+                "ratio_to_baseline": 1.0 if mode == "memory" else t["stream_vs_memory"],
                 "notes": note + extra,
             }
         )  # fmt: skip

@@ -7,6 +7,13 @@ steps; only where the uint8 batches come from differs:
   and shuffle buffer (PNG decoding in the workers, loader start-up included, as at every epoch);
 - memory: the same images decoded once into one uint8 tensor, sliced into batches.
 The shard list is repeated so one loader pass covers every step (a long epoch, as in a real run).
+A third figure, `loader`, is the stream's batches drawn as fast as the loader yields them with no model:
+the ceiling streaming can reach; when it is below the in-memory rate the loader is the bottleneck (add
+DataLoader workers) rather than the model.
+
+Standalone, on any shard folder (an A/B of loader changes on the same shards):
+
+    python -m tckr_engine.bench.trainer --shards runs/demo/synthetic --threads 2 --out trainer.json
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import statistics
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
@@ -99,8 +107,10 @@ def trainer_throughput(
     workers: int | None = None,
     arch: str = "resnet-small",
     seed: int = 0,
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Samples/sec of `steps` student steps streaming `urls` vs from the same images in memory."""
+    """Samples/sec of `steps` student steps streaming `urls` vs from the same images in memory, and of the
+    loader alone; medians of `repeats` interleaved rounds (min and max beside them)."""
     defaults = StudentConfig()
     workers = defaults.workers if workers is None else workers
     images, labels = read_tar_images(urls)
@@ -118,25 +128,117 @@ def trainer_throughput(
             torch.manual_seed(seed)
             return Classifier(arch, k, c, h, tuple(classes)).to(device)
 
-    # Warm-up (allocator, kernels) on a throwaway model, then the two timed modes on identical models.
-    _train(_memory_batches(mem_images, mem_labels, batch_size), 2, fresh_model(), device, k, shift)
-    n_mem, s_mem = _train(
-        _memory_batches(mem_images, mem_labels, batch_size), steps, fresh_model(), device, k, shift
-    )
     repeat = math.ceil((steps + 1) * batch_size / len(keys)) + max(1, workers)  # partial batches per worker
     loader = shard_loader([str(u) for u in urls] * repeat, batch_size, workers, defaults.shuffle_buffer, seed)
-    n_str, s_str = _train(iter(loader), steps, fresh_model(), device, k, shift)
-    if n_str < steps * batch_size // 2:
-        log.warning("the stream ended early: %d samples for %d steps", n_str, steps)
-    mem_rate, str_rate = n_mem / s_mem, n_str / s_str
-    return {
+    modes = {
+        "memory": lambda: _train(
+            _memory_batches(mem_images, mem_labels, batch_size), steps, fresh_model(), device, k, shift
+        ),
+        "stream": lambda: _train(iter(loader), steps, fresh_model(), device, k, shift),
+        "loader": lambda: _drain(iter(loader), steps),
+    }
+    # Warm-up (allocator, kernels) on a throwaway model, then the modes in turn, `repeats` rounds, so a
+    # drift in the machine's speed hits every mode alike; each round trains a fresh identical model.
+    _train(_memory_batches(mem_images, mem_labels, batch_size), 2, fresh_model(), device, k, shift)
+    runs: dict[str, list[tuple[int, float]]] = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode, measure in modes.items():
+            runs[mode].append(measure())
+    if min(n for n, _ in runs["stream"]) < steps * batch_size // 2:
+        log.warning("the stream ended early: %s samples for %d steps", [n for n, _ in runs["stream"]], steps)
+    out = {
         "arch": arch,
         "batch_size": batch_size,
         "steps": steps,
+        "repeats": repeats,
         "workers": min(workers, len(urls) * repeat),
         "shuffle_buffer": defaults.shuffle_buffer,
         "images": len(keys),
-        "memory": {"samples": n_mem, "seconds": round(s_mem, 4), "samples_per_s": round(mem_rate, 2)},
-        "stream": {"samples": n_str, "seconds": round(s_str, 4), "samples_per_s": round(str_rate, 2)},
-        "stream_vs_memory": round(str_rate / mem_rate, 4),
     }
+    for mode, got in runs.items():
+        rates = [n / s for n, s in got]
+        out[mode] = {
+            "samples": got[0][0],  # per repeat
+            "seconds": round(statistics.median(s for _, s in got), 4),
+            "samples_per_s": round(statistics.median(rates), 2),
+            "samples_per_s_min": round(min(rates), 2),
+            "samples_per_s_max": round(max(rates), 2),
+        }
+    out["stream_vs_memory"] = round(out["stream"]["samples_per_s"] / out["memory"]["samples_per_s"], 4)
+    return out
+
+
+def _drain(batches: Iterator[dict[str, Any]], steps: int) -> tuple[int, float]:
+    """`steps` batches from the loader with no model: (samples, seconds), loader start-up included."""
+    seen = 0
+    t0 = time.perf_counter()
+    for step, batch in enumerate(batches):
+        if step == steps:
+            break
+        seen += len(batch["images"])
+    return seen, time.perf_counter() - t0
+
+
+def main() -> None:
+    import argparse
+    import json
+    import os
+    from datetime import datetime, timezone
+
+    from tckr_engine.bench.flops import device_name
+    from tckr_engine.bench.kernels import git_sha
+    from tckr_engine.engine.spec import versions
+    from tckr_engine.errors import TckrError
+    from tckr_engine.train.stream import open_shard_folder
+
+    parser = argparse.ArgumentParser(description="Student samples/sec streaming shards vs in memory.")
+    parser.add_argument("--shards", required=True, help="a shard folder written by 'tckr-engine generate'")
+    parser.add_argument("--arch", default="resnet-small")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=16, help="optimiser steps per mode and repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the three modes")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers (default: the trainer's)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="JSON file to write (default: log only)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        folder = open_shard_folder(args.shards)
+    except TckrError as e:
+        parser.exit(2, f"error: {e}\n")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result = trainer_throughput(
+        folder.urls,
+        folder.classes,
+        device,
+        args.batch_size,
+        args.steps,
+        args.workers,
+        args.arch,
+        repeats=args.repeats,
+    )
+    result.update(
+        shards=str(folder.path), device=device_name(device), threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(), versions=versions(), git_sha=git_sha(), started=started,
+    )  # fmt: skip
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        log.info("wrote %s", args.out)
+    for mode in ("memory", "stream", "loader"):
+        m = result[mode]
+        log.info(
+            "%-7s %9.1f samples/s (%.1f-%.1f)",
+            mode, m["samples_per_s"], m["samples_per_s_min"], m["samples_per_s_max"],
+        )  # fmt: skip
+    log.info("stream / memory: %.1f %%", 100 * result["stream_vs_memory"])
+
+
+if __name__ == "__main__":
+    main()

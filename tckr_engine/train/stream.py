@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -245,7 +246,8 @@ def _decode(sample: dict[str, Any], logits: bool) -> dict[str, Any]:
     if key is None or "cls" not in sample:
         raise TckrError(f"{where} has no image or cls; check the folder with 'tckr-engine verify'")
     with Image.open(io.BytesIO(sample[key])) as image:
-        arr = np.asarray(image.convert("L" if image.mode in ("L", "I", "1") else "RGB"))  # (H, W[, 3])
+        mode = "L" if image.mode in ("L", "I", "1") else "RGB"
+        arr = np.asarray(image if image.mode == mode else image.convert(mode))  # (H, W[, 3])
     out = {
         "image": arr[..., None] if arr.ndim == 2 else arr,  # (H, W, C)
         "cls": int(sample["cls"]),
@@ -258,8 +260,32 @@ def _decode(sample: dict[str, Any], logits: bool) -> dict[str, Any]:
                 f"{where} has no stored teacher logits (logits.npy); generate with --teacher, "
                 "or train with labels 'online' or 'hard'"
             )
-        out["logits"] = np.load(io.BytesIO(sample["logits.npy"]), allow_pickle=False)  # (K,) float16
+        out["logits"] = _load_npy(sample["logits.npy"])  # (K,) float16
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...]] | None:
+    """dtype and shape of a version 1.0 .npy header, or None where `_load_npy` leaves it to `np.load`
+    (Fortran order, object arrays). Cached: every logits.npy of a run has the same header."""
+    from numpy.lib import format as npy
+
+    f = io.BytesIO(header)
+    if npy.read_magic(f) != (1, 0):
+        return None
+    shape, fortran, dtype = npy.read_array_header_1_0(f)
+    return None if fortran or dtype.hasobject else (dtype, shape)
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    """`np.load` of one .npy file's bytes without re-parsing its header each time (np.load's literal_eval
+    of the header cost 80 us per sample, as much as decoding the PNG)."""
+    if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        layout = _npy_layout(data[:end])
+        if layout is not None and len(data) - end == layout[0].itemsize * math.prod(layout[1]):
+            return np.frombuffer(data, layout[0], offset=end).reshape(layout[1])
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -278,6 +304,110 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+_BLOCK = 512  # tar header and data alignment
+_ZERO_BLOCK = bytes(_BLOCK)
+_REGULAR = (b"0", b"\0")  # ustar typeflags of a regular file
+_LONG_NAMES = (b"x", b"g", b"L", b"K")  # pax and GNU long-name records: not written by the engine
+_META = re.compile(r"__[^/]*__($|/)")  # names webdataset's tar reader skips
+
+
+def _octal(field: bytes, what: str) -> int:
+    try:
+        return int(field.rstrip(b"\0 ").lstrip(b" ") or b"0", 8)
+    except ValueError:
+        raise TckrError(f"{what}: a tar header field is not an octal number ({field!r})") from None
+
+
+def _tar_files(stream: Any, where: str) -> Iterator[tuple[str, int]]:
+    """(name, size) of each regular file of an uncompressed ustar stream, positioned at its data.
+
+    The caller reads exactly `size` bytes or calls `_skip`; padding is consumed here. This is the engine's
+    own reader for its own shards (written by `tarfile` in USTAR format): a header is parsed with a few
+    slices, ~3 us against ~13 us per member for `tarfile`'s stream mode, which was most of the trainer's
+    loader (`python -m tckr_engine.bench.trainer`). Every header must carry the ustar magic (a misaligned
+    or truncated stream fails there) and the first header's checksum must hold (not a tar at all); the
+    other checksums are not summed (6 us each): the trainer reads folders whose tars `open_shard_folder`
+    has checked against their sha256. A header it does not understand (pax or GNU long names) or a
+    truncated member is a TckrError, never a silently short sample.
+    """
+    first = True
+    while True:
+        header = stream.read(_BLOCK)
+        if not header or header == _ZERO_BLOCK:  # end of the archive (a missing end marker is tolerated)
+            return
+        if len(header) < _BLOCK or header[257:262] != b"ustar":
+            raise TckrError(
+                f"{where} is not a readable USTAR tar; check the folder with 'tckr-engine verify'"
+            )
+        if first and sum(header) - sum(header[148:156]) + 8 * 32 != _octal(header[148:156], where):
+            raise TckrError(
+                f"{where} has a tar header with a bad checksum; check it with 'tckr-engine verify'"
+            )
+        first = False
+        kind = header[156:157]
+        if kind in _LONG_NAMES:
+            raise TckrError(
+                f"{where} uses pax/GNU long-name tar records, which the shard reader does not read; "
+                "write shards with 'tckr-engine generate' (plain USTAR)"
+            )
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+        if header[345]:  # the ustar prefix field
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+        size = _octal(header[124:136], where)
+        pad = -size % _BLOCK
+        if kind in _REGULAR:
+            yield name, size
+            _skip(stream, pad, where)
+        else:  # directories, links and other entries carry no sample data
+            _skip(stream, size + pad, where)
+
+
+def _skip(stream: Any, n: int, where: str) -> None:
+    if n and len(stream.read(n)) < n:
+        raise TckrError(f"{where} ends inside a tar member; check the folder with 'tckr-engine verify'")
+
+
+def _tar_samples(sources: Iterator[dict[str, Any]], keep: frozenset[str]) -> Iterator[dict[str, Any]]:
+    """The pipeline stage between webdataset's opener and its sample shuffle: opened shard streams ->
+    samples `{"__key__", "__url__", ext: bytes}` holding only the extensions in `keep`.
+
+    Grouping is webdataset's (`tariterators.group_by_keys` with `base_plus_ext`): consecutive files with the
+    same key (the name up to the first dot of its last path part) form one sample; a file without a dot or
+    named like `__meta__` is skipped; a sample never spans two shards; a repeated extension is an error.
+    `tests/test_data.py` checks the samples equal webdataset's own `tarfile_to_samples` output.
+    """
+    for source in sources:
+        url, stream = source["url"], source["stream"]
+        try:
+            sample: dict[str, Any] | None = None
+            for name, size in _tar_files(stream, url):
+                slash = name.rfind("/") + 1
+                dot = name.find(".", slash)
+                if dot <= slash or (name.startswith("__") and _META.match(name)):
+                    _skip(stream, size, url)
+                    continue
+                key, ext = name[:dot], name[dot + 1 :].lower()
+                if sample is None or sample["__key__"] != key:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key, "__url__": url}
+                elif ext in sample:
+                    raise TckrError(f"{url}: {name} appears twice in sample {key}")
+                if ext in keep:
+                    data = stream.read(size)
+                    if len(data) < size:
+                        raise TckrError(
+                            f"{url} ends inside {name}; check the folder with 'tckr-engine verify'"
+                        )
+                    sample[ext] = data
+                else:
+                    _skip(stream, size, url)
+            if sample is not None:
+                yield sample
+        finally:
+            stream.close()
+
+
 def shard_loader(
     urls: Sequence[str | Path],
     batch_size: int,
@@ -289,34 +419,35 @@ def shard_loader(
 ) -> DataLoader:
     """A DataLoader over WebDataset shards yielding batch dicts (see `_collate`); one pass = one epoch.
 
-    Pipeline: `wds.WebDataset(urls, nodesplitter=split_by_node, workersplitter=split_by_worker)` (under
-    torchrun each rank reads urls[rank::world], each DataLoader worker a stride of those), a shard-order
-    shuffle and a `shuffle_buffer`-sample shuffle, both seeded with `seed` (0 = neither: index order), decode,
-    batches of `batch_size` formed in the worker (each worker's last batch may be partial). `workers` is
-    capped at the number of shards (an extra worker would have nothing to read); 0 reads in this process.
-    Pass a different `seed` per epoch for a different order; equal arguments give equal batches.
-    `logits` also decodes the stored teacher logits (`logits.npy`; a sample without them is a TckrError).
+    Pipeline (the stages `wds.WebDataset` chains, with the engine's tar reader in place of `tarfile`):
+    the shard list split by `wds.split_by_node` (under torchrun each rank reads urls[rank::world]) and
+    `wds.split_by_worker` (each DataLoader worker a stride of those), a shard-order shuffle, webdataset's
+    opener, `_tar_samples`, a `shuffle_buffer`-sample shuffle (both shuffles seeded with `seed`; 0 = neither:
+    index order), decode, batches of `batch_size` formed in the worker (each worker's last batch may be
+    partial). The batches equal those of `wds.WebDataset(urls, shardshuffle=..., seed=seed)` with the same
+    stages (`tests/test_data.py`). `workers` is capped at the number of shards (an extra worker would have
+    nothing to read); 0 reads in this process. Pass a different `seed` per epoch for a different order;
+    equal arguments give equal batches. `logits` also decodes the stored teacher logits (`logits.npy`; a
+    sample without them is a TckrError).
     """
     import webdataset as wds
+    from webdataset.cache import StreamingOpen
 
     urls = [str(u) for u in urls]
     if not urls:
         raise TckrError("no shards to read")
     shuffle = shuffle_buffer > 0
-    ds = wds.WebDataset(
-        urls,
-        shardshuffle=len(urls) if shuffle else False,
-        nodesplitter=wds.split_by_node,
-        workersplitter=wds.split_by_worker,
-        seed=seed,
-        empty_check=False,  # a rank with fewer shards than workers simply yields nothing
-    )
+    keep = frozenset((*IMAGE_KEYS, "cls", *(("logits.npy",) if logits else ())))
+    stages: list[Any] = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+    stages.append(wds.shuffle(len(urls) if shuffle else 0, seed=seed))  # as wds.WebDataset's shardshuffle
+    stages += [StreamingOpen(), functools.partial(_tar_samples, keep=keep)]
     if shuffle:
-        ds = ds.shuffle(shuffle_buffer, seed=seed)
-    ds = ds.map(functools.partial(_decode, logits=logits)).batched(
-        batch_size, collation_fn=_collate, partial=True
-    )
-    return DataLoader(ds, batch_size=None, num_workers=min(workers, len(urls)))
+        stages.append(wds.shuffle(shuffle_buffer, seed=seed))
+    stages += [
+        wds.map(functools.partial(_decode, logits=logits)),
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    ]
+    return DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=min(workers, len(urls)))
 
 
 def epoch_batches(
