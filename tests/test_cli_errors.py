@@ -331,3 +331,22 @@ def test_run_with_a_damaged_stages_file(tmp_path, content):
     (tmp_path / "stages.json").write_bytes(content)
     with pytest.raises(TckrError, match=r"stages\.json is unreadable; delete it"):
         Stages(tmp_path, set())
+
+
+def test_an_interrupted_training_run_is_not_used_as_a_model(cli, tiny_run, tmp_path):
+    """A teacher or student folder holds best-so-far weights from its first epoch; metrics.json comes last.
+    Without it (the run was interrupted) no command may use the folder as a finished model."""
+    teacher = tmp_path / "teacher"
+    save_classifier(Classifier("small-cnn", 10, 1, 8, tuple("0123456789"), width=4), teacher)
+    (teacher / "train_log.jsonl").write_text('{"epoch": 1}\n')  # epoch 1 of many, then Ctrl-C
+    for args in (
+        ["generate", "--shards", tmp_path / "out", *FAST, "--teacher", teacher],
+        ["train", "--shards", tiny_run, "--out", tmp_path / "student", "--teacher", teacher, "--epochs", "1"],
+        ["evaluate", teacher, "--teacher", teacher, "--out", tmp_path / "eval"],
+    ):
+        assert_one_line_error(cli(*args), str(teacher), "unfinished training run", "no metrics.json")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "student" / "metrics.json").exists()
+    (teacher / "metrics.json").write_text("{}")  # finished: the same folder loads
+    from tckr_engine.models.classifier import load_classifier
+
+    assert load_classifier(teacher).classes == tuple("0123456789")

@@ -71,3 +71,61 @@ def test_finetune_cli_lora_and_bad_modes(cli, tiny_sd, tmp_path):
     assert not (tmp_path / "x").exists()
     bad_mode = cli("finetune", "--mode", "dreambooth", "--out", tmp_path / "y")
     assert bad_mode.code == 2 and "mode must be scratch or lora" in bad_mode.err
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda c: (c / "state.json").write_text("{broken"), "cannot read"),
+        (lambda c: (c / "state.json").write_text("[1, 2]"), "does not hold a JSON object"),
+        (lambda c: (c / "state.json").write_text(json.dumps({"step": "5", "config": json.loads(
+            (c / "state.json").read_text())["config"]})), "holds no valid step"),
+        (lambda c: (c / "unet.safetensors").write_bytes(b"\x00trunc"), "cannot resume from"),
+        (lambda c: (c / "optimizer.pt").write_bytes(b"PK\x03\x04"), "cannot resume from"),
+        (lambda c: (c / "ema.safetensors").unlink(), "cannot resume from"),
+    ],
+)  # fmt: skip
+def test_a_damaged_checkpoint_is_one_error_and_overwrite_starts_over(tmp_path, damage, needle):
+    out = tmp_path / "run"
+    cfg = ScratchConfig(**CFG, steps=6)
+    assert train_scratch(cfg, out, stop_at=4) is None
+    damage(out / "checkpoint")
+    with pytest.raises(TckrError, match=needle) as e:
+        train_scratch(cfg, out)
+    assert str(out / "checkpoint") in str(e.value) and "--overwrite" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert train_scratch(cfg, out, overwrite=True) == out  # the damaged checkpoint goes; 6 steps from 0
+    log = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 6 and log[-1] == 6
+
+
+def test_checkpoints_are_replaced_as_a_unit(tmp_path, monkeypatch):
+    """Killed while writing a checkpoint, the folder keeps the previous one whole; killed between the
+    swap's two renames, the previous one is found under checkpoint.old and resumed from."""
+    import tckr_engine.train.generator as scratch
+
+    out = tmp_path / "run"
+    cfg = ScratchConfig(**{**CFG, "checkpoint_every": 2}, steps=6)
+    assert train_scratch(cfg, out, stop_at=2) is None
+    before = weights(out)
+    real = scratch.save_checkpoint
+
+    def killed_mid_write(folder, step, identity, write):
+        def partial(tmp):
+            write(tmp)
+            raise KeyboardInterrupt  # after the weights, before state.json
+
+        real(folder, step, identity, partial)
+
+    monkeypatch.setattr(scratch, "save_checkpoint", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train_scratch(cfg, out, stop_at=4)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert all((before[k] == v).all() for k, v in weights(out).items())
+    assert not (out / "checkpoint.tmp").exists()
+    monkeypatch.undo()
+
+    (out / "checkpoint").rename(out / "checkpoint.old")  # stopped between the two renames
+    assert train_scratch(cfg, out, stop_at=4) is None  # resumes from step 2
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]

@@ -80,7 +80,14 @@ def finetune(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 250,
     sample_every: Annotated[int, typer.Option("--sample-every", help="scratch: sample grid cadence.")] = 500,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Write into a folder of other files, and start over where its checkpoint is another "
+            "config's or unreadable (a readable checkpoint of the same config is resumed).",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train a text-conditioned generator: from scratch (built-in small UNets) or LoRA (peft, TCKR recipe)."""

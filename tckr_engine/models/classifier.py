@@ -24,6 +24,8 @@ from tckr_engine.errors import TckrError
 
 CONFIG_NAME = "classifier.json"
 WEIGHTS_NAME = "model.safetensors"
+RUN_LOG_NAME = "train_log.jsonl"  # a training run's folder: one line per epoch
+RUN_METRICS_NAME = "metrics.json"  # written last: its presence marks a finished run
 
 
 def _small_cnn(in_channels: int, num_classes: int, width: int = 32) -> nn.Module:
@@ -240,8 +242,15 @@ def save_classifier(model: Classifier, path: str | Path) -> Path:
     return path
 
 
-def load_classifier(path: str | Path) -> Classifier:
-    """Load a classifier folder; a missing or broken folder is one clear TckrError."""
+def load_classifier(path: str | Path, *, unfinished: bool = False) -> Classifier:
+    """Load a classifier folder; a missing or broken folder is one clear TckrError.
+
+    A training run's folder (`teacher`, `train`: it has `train_log.jsonl`) holds its best-so-far weights
+    from the first epoch on and writes `metrics.json` last; without it the run was interrupted and its
+    weights are not the model it was asked for, so it is refused unless `unfinished` (the trainers
+    themselves, scoring their best epoch before writing metrics.json). Folders written by `save_classifier`
+    alone (shadow models, tests, the Python API) have no training log and load as they are.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -251,6 +260,12 @@ def load_classifier(path: str | Path) -> Classifier:
         raise TckrError(
             f"classifier not found at {path}: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
             "(train one with 'tckr-engine teacher')"
+        )
+    if not unfinished and (path / RUN_LOG_NAME).is_file() and not (path / RUN_METRICS_NAME).is_file():
+        raise TckrError(
+            f"{path} is an unfinished training run ({RUN_LOG_NAME} but no {RUN_METRICS_NAME}: it was "
+            "interrupted); finish it: a student resumes when its 'tckr-engine train' command is rerun, a "
+            "teacher is retrained with 'tckr-engine teacher ... --overwrite'"
         )
     retrain = "train it again with 'tckr-engine teacher' (or 'train')"
     try:

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from tckr_engine.config import check_positive
 from tckr_engine.data.captions import read_captions_per_image
 from tckr_engine.errors import TckrError
-from tckr_engine.fsutil import atomic_write, write_json
+from tckr_engine.fsutil import atomic_write
 from tckr_engine.models.generator import Generator, build_preset, save_generator
+from tckr_engine.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,26 @@ class _Prompts:
 def _save_checkpoint(folder: Path, unet, ema, opt, sched, step: int, rng: torch.Generator, cfg) -> None:
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(folder / "unet.safetensors"))
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(folder / "ema.safetensors"))
-    torch.save(
-        {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "rng": rng.get_state()},
-        folder / "optimizer.pt",
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        torch.save(
+            {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "rng": rng.get_state()},
+            tmp / "optimizer.pt",
+        )
+
+    save_checkpoint(folder, step, cfg.identity(), write)
+
+
+def _read_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
+    """(unet, ema, optimizer + scheduler + RNG state) of a checkpoint, all read before any is applied."""
+    from safetensors.torch import load_file
+
+    return (
+        load_file(str(folder / "unet.safetensors")),
+        load_file(str(folder / "ema.safetensors")),
+        torch.load(folder / "optimizer.pt", weights_only=True),
     )
-    write_json(folder / "state.json", {"step": step, "config": cfg.identity()})  # written last: the marker
 
 
 def _sample_grid(ema, gen: Generator, prompts: list[str], path: Path, seed: int, per_row: int = 8) -> None:
@@ -152,7 +165,6 @@ def train_scratch(
     `stop_at` ends this call early at that step with a checkpoint (a time-boxed slice of the same run; the
     schedule still spans `cfg.steps`) and returns None; rerunning resumes.
     """
-    from safetensors.torch import load_file
 
     from tckr_engine.data import load_dataset
 
@@ -181,22 +193,16 @@ def train_scratch(
     step = 0
 
     ckpt = out / CHECKPOINT_DIR
-    if (ckpt / "state.json").is_file():
-        state = json.loads((ckpt / "state.json").read_text())
-        if state["config"] != cfg.identity() and not overwrite:
-            raise TckrError(
-                f"{out} holds a checkpoint of a different training config; use another folder or --overwrite"
-            )
-        if state["config"] == cfg.identity():
-            unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
-            ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
-            extra = torch.load(ckpt / "optimizer.pt", weights_only=True)
-            opt.load_state_dict(extra["optimizer"])
-            sched.load_state_dict(extra["lr_scheduler"])
-            rng.set_state(extra["rng"])
-            step = int(state["step"])
-            log.info("resuming from step %d", step)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+    resumed = load_checkpoint(ckpt, cfg.identity(), overwrite, _read_checkpoint, "training")
+    if resumed is not None:
+        step, (unet_state, ema_state, extra) = resumed
+        unet.load_state_dict(unet_state)
+        ema.load_state_dict(ema_state)
+        opt.load_state_dict(extra["optimizer"])
+        sched.load_state_dict(extra["lr_scheduler"])
+        rng.set_state(extra["rng"])
+        log.info("resuming from step %d", step)
+    elif out.exists() and any(not p.name.startswith(CHECKPOINT_DIR) for p in out.iterdir()) and not overwrite:
         raise TckrError(
             f"{out} is not empty and holds no training checkpoint; choose a new folder or --overwrite"
         )

@@ -46,7 +46,14 @@ from tckr_engine.data import ImageDataset, load_dataset, train_val_split
 from tckr_engine.engine.scheduler import sample_seed
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import atomic_write, write_json
-from tckr_engine.models.classifier import Classifier, count_parameters, load_classifier, save_classifier
+from tckr_engine.models.classifier import (
+    RUN_LOG_NAME,
+    RUN_METRICS_NAME,
+    Classifier,
+    count_parameters,
+    load_classifier,
+    save_classifier,
+)
 from tckr_engine.synth.bss import BSSConfig, bss_schedule
 from tckr_engine.train.losses import BSSBatch, batch_loss, batch_targets
 from tckr_engine.train.stream import (
@@ -65,8 +72,8 @@ from tckr_engine.train.teacher import TeacherConfig, evaluate_accuracy, random_s
 
 log = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.json"
-LOG_NAME = "train_log.jsonl"
+METRICS_NAME = RUN_METRICS_NAME
+LOG_NAME = RUN_LOG_NAME
 CHECKPOINT_NAME = "checkpoint.pt"
 _OUTPUTS = (METRICS_NAME, LOG_NAME, "model.safetensors", "classifier.json", CHECKPOINT_NAME)
 LABELS = ("online", "stored", "hard")
@@ -470,7 +477,7 @@ def train_student(
         state = _fit(cfg, model, teacher, pool, plan, val, out, ckpt, (shift, hflip), progress)
 
     # Selection is over. The test split is read for the first time here, to score the saved best weights.
-    best = load_classifier(out).to(device)
+    best = load_classifier(out, unfinished=True).to(device)  # metrics.json comes after
     test = load_dataset(dataset, "test")
     if test.classes != full.classes:
         raise TckrError(

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from tckr_engine.data.captions import read_captions_per_image
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import atomic_write, write_json
 from tckr_engine.models.generator import LORA_CONFIG, LORA_WEIGHTS, Generator, load_generator
+from tckr_engine.train.checkpoint import load_checkpoint, save_checkpoint
 from tckr_engine.train.generator import training_noise_schedule
 
 log = logging.getLogger(__name__)
@@ -161,19 +161,29 @@ def _save_checkpoint(
 ) -> None:
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = {n: p.detach().float().cpu().contiguous() for n, p in _lora_params(unet).items()}
-    save_file(weights, str(folder / "lora.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "rng": rng.get_state()}, folder / "optimizer.pt")
-    write_json(folder / "state.json", {"step": step, "config": cfg.identity()})  # written last: the marker
+    def write(tmp: Path) -> None:
+        weights = {n: p.detach().float().cpu().contiguous() for n, p in _lora_params(unet).items()}
+        save_file(weights, str(tmp / "lora.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "rng": rng.get_state()}, tmp / "optimizer.pt")
+
+    save_checkpoint(folder, step, cfg.identity(), write)
 
 
-def _load_checkpoint(
-    folder: Path, unet: torch.nn.Module, opt: torch.optim.Optimizer, rng: torch.Generator
-) -> int:
+def _read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(LoRA weights, optimizer + RNG state) of a checkpoint, both read before either is applied."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / "lora.safetensors"))
+    return load_file(str(folder / "lora.safetensors")), torch.load(folder / "optimizer.pt", weights_only=True)
+
+
+def _apply_checkpoint(
+    folder: Path,
+    state: tuple[dict[str, torch.Tensor], dict[str, Any]],
+    unet: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    rng: torch.Generator,
+) -> None:
+    weights, extra = state
     params = _lora_params(unet)
     if set(weights) != set(params):
         raise TckrError(
@@ -182,29 +192,21 @@ def _load_checkpoint(
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
-    extra = torch.load(folder / "optimizer.pt", weights_only=True)
     opt.load_state_dict(extra["optimizer"])
     rng.set_state(extra["rng"])
-    return int(json.loads((folder / "state.json").read_text())["step"])
 
 
-def _prepare_out(out: Path, cfg: LoraTrainConfig, overwrite: bool) -> bool:
-    """Check `out` against an existing checkpoint; True when training resumes from it."""
-    state_file = out / CHECKPOINT_DIR / "state.json"
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state["config"] == cfg.identity():
-            return True
-        if not overwrite:
-            raise TckrError(
-                f"{out} holds a checkpoint of another LoRA training config; use another folder or --overwrite"
-            )
-        shutil.rmtree(out / CHECKPOINT_DIR)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+def _prepare_out(out: Path, cfg: LoraTrainConfig, overwrite: bool) -> tuple[int, Any] | None:
+    """Check `out` against an existing checkpoint: (step, its contents) to resume from, or None."""
+    resumed = load_checkpoint(
+        out / CHECKPOINT_DIR, cfg.identity(), overwrite, _read_checkpoint, "LoRA training"
+    )
+    others = out.exists() and any(not p.name.startswith(CHECKPOINT_DIR) for p in out.iterdir())
+    if resumed is None and others and not overwrite:
         raise TckrError(
             f"{out} is not empty and holds no LoRA checkpoint; choose a new folder or --overwrite"
         )
-    return False
+    return resumed
 
 
 def _save_lora(
@@ -315,8 +317,10 @@ def train_lora(
     unet.train()
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = torch.Generator().manual_seed(cfg.seed)
-    step = _load_checkpoint(out / CHECKPOINT_DIR, unet, opt, rng) if resume else 0
-    if resume:
+    step = 0
+    if resume is not None:
+        step = resume[0]
+        _apply_checkpoint(out / CHECKPOINT_DIR, resume[1], unet, opt, rng)
         log.info("resuming from step %d of %d", step, total)
     out.mkdir(parents=True, exist_ok=True)
     (out / LORA_CONFIG).unlink(missing_ok=True)  # the folder is incomplete until training finishes

@@ -29,6 +29,8 @@ from tckr_engine.fsutil import write_json
 from tckr_engine.models.classifier import (
     ARCH_HELP,
     ARCHS,
+    RUN_LOG_NAME,
+    RUN_METRICS_NAME,
     TIMM_PREFIX,
     Classifier,
     count_parameters,
@@ -50,8 +52,8 @@ __all__ = ["Progress", "TeacherConfig", "evaluate_accuracy", "predict", "random_
 
 log = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.json"
-LOG_NAME = "train_log.jsonl"
+METRICS_NAME = RUN_METRICS_NAME
+LOG_NAME = RUN_LOG_NAME
 _OUTPUTS = (METRICS_NAME, LOG_NAME, "model.safetensors", "classifier.json")
 
 
@@ -207,7 +209,7 @@ def train_teacher(
     best_epoch, best_acc = int(best["epoch"]), float(best["acc"])
 
     # Selection is over. The test split is read for the first time here, to score the saved best weights.
-    best = load_classifier(out).to(device)
+    best = load_classifier(out, unfinished=True).to(device)  # metrics.json comes after
     test = load_dataset(cfg.dataset, "test")
     if test.classes != full.classes:
         raise TckrError(
