@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tckr_engine.errors import TckrError
+from tckr_engine.fsutil import atomic_write
 
 CONFIG_NAME = "classifier.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -231,14 +232,15 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def save_classifier(model: Classifier, path: str | Path) -> Path:
-    """Write `model.safetensors` and `classifier.json` into the folder `path` (created)."""
-    from safetensors.torch import save_file
+    """Write `model.safetensors` and `classifier.json` into the folder `path` (created), each atomically:
+    a trainer rewrites the weights at every better epoch; a kill mid-write must leave the previous ones."""
+    from safetensors.torch import save
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path / WEIGHTS_NAME))
-    (path / CONFIG_NAME).write_text(json.dumps(model.config, indent=2) + "\n")
+    atomic_write(path / WEIGHTS_NAME, save(state))
+    atomic_write(path / CONFIG_NAME, (json.dumps(model.config, indent=2) + "\n").encode())
     return path
 
 
