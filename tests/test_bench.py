@@ -189,6 +189,9 @@ def test_device_peaks_and_peak_memory():
         ({"batch_sizes": ()}, "batch_sizes"),
         ({"repeats": 0}, "repeats"),
         ({"train_steps": -1}, "train_steps"),
+        ({"guidance": float("inf")}, "guidance must be a finite number"),
+        ({"guidance": float("nan")}, "guidance must be a finite number"),
+        ({"guidance": True}, "guidance must be a finite number"),
     ],
 )
 def test_bad_config_is_one_clear_error(changes, words):

@@ -51,7 +51,15 @@ from tckr_engine.bench.flops import (
 from tckr_engine.bench.kernels import git_sha
 from tckr_engine.bench.results import format_table, write_results
 from tckr_engine.bench.trainer import read_tar_images, trainer_throughput
-from tckr_engine.config import ATTENTION, BACKENDS, DEVICES, SAMPLERS, GenerateConfig, check_positive
+from tckr_engine.config import (
+    ATTENTION,
+    BACKENDS,
+    DEVICES,
+    SAMPLERS,
+    GenerateConfig,
+    check_positive,
+    is_finite_number,
+)
 from tckr_engine.engine.scheduler import BatchScheduler
 from tckr_engine.engine.spec import DTYPES, Resources, resolve, resolve_device, versions
 from tckr_engine.errors import TckrError
@@ -105,8 +113,8 @@ class BenchConfig:
             or self.train_steps < 0
         ):
             raise TckrError(f"train_steps must be a non-negative integer, got {self.train_steps!r}")
-        if not isinstance(self.guidance, int | float) or self.guidance < 0:
-            raise TckrError(f"guidance must be a number >= 0, got {self.guidance!r}")
+        if not is_finite_number(self.guidance) or self.guidance < 0:
+            raise TckrError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
         if self.device not in DEVICES:
             raise TckrError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.sampler not in SAMPLERS:
