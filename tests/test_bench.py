@@ -246,3 +246,9 @@ def test_trainer_bench_command_on_a_shard_folder(tiny_run, tmp_path):
     )
     bad = subprocess.run([*cmd[:3], "--shards", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and "shard folder not found" in bad.stderr and "Traceback" not in bad.stderr
+    for flags, needle in [
+        (["--steps", "0"], "--steps must be an integer >= 1"),
+        (["--device", "tpu"], "cpu or cuda"),
+    ]:
+        bad = subprocess.run([*cmd, *flags], capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and needle in bad.stderr, bad.stderr

@@ -205,24 +205,30 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file to write (default: log only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        folder = open_shard_folder(args.shards)
-    except TckrError as e:
-        parser.exit(2, f"error: {e}\n")
+
+    def fail(message: str) -> None:
+        parser.exit(2, f"error: {message}\n")
+
+    for name in ("batch_size", "steps", "repeats", "threads", "workers"):
+        value, least = getattr(args, name), 0 if name == "workers" else 1
+        if value is not None and value < least:
+            fail(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value}")
+    if args.device not in ("cpu", "cuda"):
+        fail(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for but torch sees no CUDA GPU; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result = trainer_throughput(
-        folder.urls,
-        folder.classes,
-        device,
-        args.batch_size,
-        args.steps,
-        args.workers,
-        args.arch,
-        repeats=args.repeats,
-    )
+    try:
+        folder = open_shard_folder(args.shards)
+        result = trainer_throughput(
+            folder.urls, folder.classes, device, args.batch_size, args.steps, args.workers, args.arch,
+            repeats=args.repeats,
+        )  # fmt: skip
+    except (TckrError, ValueError) as e:  # ValueError: fewer images than one batch
+        fail(str(e))
     result.update(
         shards=str(folder.path), device=device_name(device), threads=torch.get_num_threads(),
         cpu_count=os.cpu_count(), versions=versions(), git_sha=git_sha(), started=started,
