@@ -245,6 +245,7 @@ def test_tar_reader_groups_files_like_webdataset(tmp_path):
         ("checksum", "bad checksum"),
         ("pax", "long-name tar records"),
         ("duplicate", "appears twice"),
+        ("duplicate-unread", "appears twice"),  # of an extension the loader does not keep
     ],
 )
 def test_tar_reader_refuses_damaged_or_foreign_tars(tmp_path, damage, message):
@@ -253,6 +254,8 @@ def test_tar_reader_refuses_damaged_or_foreign_tars(tmp_path, damage, message):
     members = [("k1.png", b"x" * 600), ("k1.cls", b"1"), ("k2.png", b"y" * 600), ("k2.cls", b"2")]
     if damage == "duplicate":
         members.append(("k2.cls", b"3"))
+    elif damage == "duplicate-unread":
+        members += [("k2.txt", b"a"), ("k2.txt", b"b")]
     path = _tar(tmp_path / "s.tar", members if damage != "pax" else [("p" * 120 + ".png", b"z")],
                 tarfile.PAX_FORMAT if damage == "pax" else tarfile.USTAR_FORMAT)  # fmt: skip
     data = path.read_bytes()

@@ -5,8 +5,10 @@
   `TckrError` naming the folder and the fix.
 - `plan_rounds(...)`: which shard tars each regeneration round reads. Pure (no I/O beyond what the
   `ShardFolder` already holds), so the disjointness of pool rounds is checked without training.
-- `shard_loader(...)`: webdataset's own reader (node and worker splitting, seeded shard and sample shuffles),
-  PNG/JPEG/WebP decoded to uint8, batched in the worker, served by a `torch.utils.data.DataLoader`.
+- `shard_loader(...)`: webdataset's pipeline (node and worker splitting, seeded shard and sample shuffles)
+  with the engine's own USTAR reader for its shards (same samples as webdataset's tarfile-based reader,
+  ~4x less work), PNG/JPEG/WebP decoded to uint8, batched in the worker, served by a
+  `torch.utils.data.DataLoader`.
 - `epoch_batches(...)`: exactly how many batches that loader yields, for the cosine schedule and progress.
 """
 
@@ -374,7 +376,7 @@ def _tar_samples(sources: Iterator[dict[str, Any]], keep: frozenset[str]) -> Ite
     Grouping is webdataset's (`tariterators.group_by_keys` with `base_plus_ext`): consecutive files with the
     same key (the name up to the first dot of its last path part) form one sample; a file without a dot or
     named like `__meta__` is skipped; a sample never spans two shards; a repeated extension is an error.
-    `tests/test_data.py` checks the samples equal webdataset's own `tarfile_to_samples` output.
+    `tests/test_gkd.py` checks the samples equal webdataset's own `tarfile_to_samples` output.
     """
     for source in sources:
         url, stream = source["url"], source["stream"]
@@ -390,9 +392,10 @@ def _tar_samples(sources: Iterator[dict[str, Any]], keep: frozenset[str]) -> Ite
                 if sample is None or sample["__key__"] != key:
                     if sample is not None:
                         yield sample
-                    sample = {"__key__": key, "__url__": url}
-                elif ext in sample:
+                    sample, exts = {"__key__": key, "__url__": url}, set()
+                if ext in exts:
                     raise TckrError(f"{url}: {name} appears twice in sample {key}")
+                exts.add(ext)
                 if ext in keep:
                     data = stream.read(size)
                     if len(data) < size:
@@ -425,7 +428,7 @@ def shard_loader(
     opener, `_tar_samples`, a `shuffle_buffer`-sample shuffle (both shuffles seeded with `seed`; 0 = neither:
     index order), decode, batches of `batch_size` formed in the worker (each worker's last batch may be
     partial). The batches equal those of `wds.WebDataset(urls, shardshuffle=..., seed=seed)` with the same
-    stages (`tests/test_data.py`). `workers` is capped at the number of shards (an extra worker would have
+    stages (`tests/test_gkd.py`). `workers` is capped at the number of shards (an extra worker would have
     nothing to read); 0 reads in this process. Pass a different `seed` per epoch for a different order;
     equal arguments give equal batches. `logits` also decodes the stored teacher logits (`logits.npy`; a
     sample without them is a TckrError).
