@@ -27,6 +27,6 @@ timeout 180 python3 -m tckr_engine.bench.kernels --out-dir "$OUT" --device cuda 
 echo "== tckr-engine bench: sd15-arch at 512 px, 20 steps, CFG 2, fp16, beside the plain diffusers pipeline"
 timeout 330 python3 -m tckr_engine.cli bench --preset sd15-arch --device cuda --dtype fp16 --batch-sizes 8 \
   --images 32 --repeats 2 --backends torch,compile,onnxruntime,tensorrt --attention sdpa,triton,xformers \
-  --train-steps 32 --out "$OUT/bench" --note "scripts/gpu-check.sh" 2>&1 | tee "$OUT/bench.log" | tail -25
+  --train-steps 32 --train-batch-size 32 --train-workers 8 --out "$OUT/bench" --note "scripts/gpu-check.sh" 2>&1 | tee "$OUT/bench.log" | tail -25
 
 ls -la "$OUT"

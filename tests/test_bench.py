@@ -189,6 +189,7 @@ def test_device_peaks_and_peak_memory():
         ({"batch_sizes": ()}, "batch_sizes"),
         ({"repeats": 0}, "repeats"),
         ({"train_steps": -1}, "train_steps"),
+        ({"images": 32, "batch_sizes": (8,)}, "train_batch_size 128 is more than the 32 images"),
         ({"guidance": float("inf")}, "guidance must be a finite number"),
         ({"guidance": float("nan")}, "guidance must be a finite number"),
         ({"guidance": True}, "guidance must be a finite number"),

@@ -113,6 +113,12 @@ class BenchConfig:
             or self.train_steps < 0
         ):
             raise TckrError(f"train_steps must be a non-negative integer, got {self.train_steps!r}")
+        first = math.ceil(self.images / self.batch_sizes[0]) * self.batch_sizes[0]
+        if self.train_steps and self.train_batch_size > first:
+            raise TckrError(
+                f"train_batch_size {self.train_batch_size} is more than the {first} images the trainer row "
+                "reads (the first engine row's); lower --train-batch-size or raise --images"
+            )
         if not is_finite_number(self.guidance) or self.guidance < 0:
             raise TckrError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
         if self.device not in DEVICES:
