@@ -30,6 +30,7 @@ def test_cli_bench_writes_results_and_engine_matches_baseline(cli, tmp_path):
     )  # fmt: skip
     assert res.code == 0, res.err
     assert "b8 diffusers" in res.out and "b8 torch/sdpa" in res.out and "trainer-stream" in res.out
+    assert "% of the fp32 matmul rate measured in this run" in res.out  # what %peak means on a CPU
     stem = out / "throughput-tiny-digits-cpu"
     assert {p.name for p in out.iterdir()} == {f"{stem.name}.{ext}" for ext in ("csv", "json", "png")}
 

@@ -156,4 +156,9 @@ def format_table(result: dict[str, Any]) -> str:
         ]
         status = r.get("notes", "")[:60] if r["kind"] == "train" else "ok"
         lines.append(" ".join(cells) + "  " + status)
+    if any(r.get("fraction_of_peak") is None and r.get("fraction_of_matmul") for r in result["rows"]):
+        lines.append(
+            "%peak without a device peak (the CPU): % of the fp32 matmul rate measured in this run; "
+            "convolutions can exceed it"
+        )
     return "\n".join(lines)
