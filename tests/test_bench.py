@@ -232,11 +232,16 @@ def test_trainer_bench_command_on_a_shard_folder(tiny_run, tmp_path):
         "1",
         "--threads",
         "1",
+        "--costs",
+        "1",
         "--out",
         str(out),
     ]
     done = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    costs = json.loads(out.read_text())["costs"]  # per-sample steps, webdataset's tar reader beside ours
+    assert costs["samples"] > 0 and costs["tar_webdataset_us"] > 0 and costs["tar_engine_us"] > 0
+    assert costs["decode_us"] > 0 and costs["stored_logits"] == ("npy_engine_us" in costs)
     result = json.loads(out.read_text())
     assert result["steps"] == 3 and result["arch"] == "small-cnn" and result["threads"] == 1
     assert result["repeats"] == 2 and result["memory"]["samples"] == result["stream"]["samples"] == 24

@@ -179,6 +179,48 @@ def _drain(batches: Iterator[dict[str, Any]], steps: int) -> tuple[int, float]:
     return seen, time.perf_counter() - t0
 
 
+def loader_costs(urls: Sequence[str], repeats: int = 3) -> dict[str, Any]:
+    """Microseconds per sample of the loader's steps, in this process (best of `repeats`): tar expansion by
+    webdataset's own `tarfile`-based reader and by the engine's (`train.stream._tar_samples`), the decode
+    of one sample (image, class, stored logits when the shards have them) and the .npy parse alone by
+    `np.load` and by the engine's cached-header path."""
+    import webdataset as wds
+    from webdataset.cache import StreamingOpen
+
+    from tckr_engine.train.stream import IMAGE_KEYS, _decode, _load_npy, _tar_samples
+
+    keep = frozenset((*IMAGE_KEYS, "cls", "logits.npy"))
+
+    def best(fn: Any) -> tuple[float, Any]:
+        times, out = [], None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    t_wds, ref = best(lambda: list(wds.tariterators.tarfile_samples(iter([{"url": u} for u in urls]))))
+    t_ours, samples = best(lambda: list(_tar_samples(StreamingOpen()(list(urls)), keep)))
+    n = len(samples)
+    if n == 0 or len(ref) != n:
+        raise ValueError(f"the shards hold {n} samples by the engine's reader and {len(ref)} by webdataset's")
+    logits = all("logits.npy" in s for s in samples)
+    t_dec, _ = best(lambda: [_decode(s, logits) for s in samples])
+    out = {
+        "samples": n,
+        "stored_logits": logits,
+        "tar_webdataset_us": round(1e6 * t_wds / n, 2),
+        "tar_engine_us": round(1e6 * t_ours / n, 2),
+        "decode_us": round(1e6 * t_dec / n, 2),
+    }
+    if logits:
+        blobs = [s["logits.npy"] for s in samples]
+        t_np, _ = best(lambda: [np.load(io.BytesIO(b), allow_pickle=False) for b in blobs])
+        t_fast, _ = best(lambda: [_load_npy(b) for b in blobs])
+        out.update(npy_np_load_us=round(1e6 * t_np / n, 2), npy_engine_us=round(1e6 * t_fast / n, 2))
+    return out
+
+
 def main() -> None:
     import argparse
     import json
@@ -203,14 +245,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="JSON file to write (default: log only)")
+    parser.add_argument(
+        "--costs", type=int, default=0, metavar="N",
+        help="also time the loader's steps per sample, in this process, on the first shards (>= N samples)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def fail(message: str) -> None:
         parser.exit(2, f"error: {message}\n")
 
-    for name in ("batch_size", "steps", "repeats", "threads", "workers"):
-        value, least = getattr(args, name), 0 if name == "workers" else 1
+    for name in ("batch_size", "steps", "repeats", "threads", "workers", "costs"):
+        value, least = getattr(args, name), 0 if name in ("workers", "costs") else 1
         if value is not None and value < least:
             fail(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value}")
     if args.device not in ("cpu", "cuda"):
@@ -227,6 +273,11 @@ def main() -> None:
             folder.urls, folder.classes, device, args.batch_size, args.steps, args.workers, args.arch,
             repeats=args.repeats,
         )  # fmt: skip
+        if args.costs:
+            take = 1
+            while take < len(folder.urls) and sum(folder.nsamples[:take]) < args.costs:
+                take += 1
+            result["costs"] = loader_costs(folder.urls[:take])
     except (TckrError, ValueError) as e:  # ValueError: fewer images than one batch
         fail(str(e))
     result.update(
@@ -244,6 +295,8 @@ def main() -> None:
             mode, m["samples_per_s"], m["samples_per_s_min"], m["samples_per_s_max"],
         )  # fmt: skip
     log.info("stream / memory: %.1f %%", 100 * result["stream_vs_memory"])
+    for name, value in result.get("costs", {}).items():
+        log.info("%-18s %s", name, value)
 
 
 if __name__ == "__main__":
