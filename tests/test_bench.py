@@ -26,7 +26,7 @@ def test_cli_bench_writes_results_and_engine_matches_baseline(cli, tmp_path):
         "bench", "--preset", "tiny-digits", "--device", "cpu", "--batch-sizes", "8", "--steps", "2",
         "--images", "16", "--repeats", "2", "--threads", "1", "--backends", "torch,onnxruntime,tensorrt",
         "--attention", "sdpa,xformers", "--train-steps", "2", "--train-batch-size", "8",
-        "--train-workers", "1", "--note", "test run", "--out", out,
+        "--train-workers", "1", "--train-repeats", "3", "--note", "test run", "--out", out,
     )  # fmt: skip
     assert res.code == 0, res.err
     assert "b8 diffusers" in res.out and "b8 torch/sdpa" in res.out and "trainer-stream" in res.out
@@ -55,7 +55,7 @@ def test_cli_bench_writes_results_and_engine_matches_baseline(cli, tmp_path):
     assert rows[("generate", "tensorrt", "graph")]["status"].startswith("skipped: ")
     assert rows[("generate", "torch", "xformers")]["status"].startswith("skipped: ")
     stream, memory = rows[("train", "stream", "-")], rows[("train", "memory", "-")]
-    assert stream["images_per_s"] > 0 and memory["images_per_s"] > 0 and stream["repeats"] == 2
+    assert stream["images_per_s"] > 0 and memory["images_per_s"] > 0 and stream["repeats"] == 3
     assert stream["images_per_s_min"] <= stream["images_per_s"] <= stream["images_per_s_max"]
     assert result["trainer"]["stream_vs_memory"] == stream["ratio_to_baseline"]
     loader = result["trainer"]["loader"]  # the loader alone: the ceiling of the stream row

@@ -92,6 +92,7 @@ class BenchConfig:
     train_steps: int = 16  # trainer row: optimiser steps per mode; 0 leaves the row out
     train_batch_size: int = 128
     train_workers: int | None = None  # DataLoader workers of the stream; None: the trainer's default
+    train_repeats: int = 2  # interleaved rounds of the trainer row's modes (median, min-max)
     note: str = ""  # free text recorded with the results (e.g. "contended machine")
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -105,6 +106,7 @@ class BenchConfig:
         check_positive("repeats", self.repeats, hi=100)
         check_positive("writers", self.writers, hi=64)
         check_positive("train_batch_size", self.train_batch_size)
+        check_positive("train_repeats", self.train_repeats, hi=100)
         if self.threads is not None:
             check_positive("threads", self.threads, hi=1024)
         if (
@@ -495,7 +497,7 @@ def _trainer_rows(
     try:
         t = trainer_throughput(
             urls, classes, device, cfg.train_batch_size, cfg.train_steps, cfg.train_workers,
-            repeats=cfg.repeats,
+            repeats=cfg.train_repeats,
         )  # fmt: skip
     except Exception as e:
         status = f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]

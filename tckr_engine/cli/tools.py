@@ -86,6 +86,9 @@ def bench(
         int | None,
         typer.Option("--train-workers", help="Trainer row: DataLoader workers (default: the trainer's)."),
     ] = None,
+    train_repeats: Annotated[
+        int, typer.Option("--train-repeats", help="Trainer row: interleaved rounds of its modes.")
+    ] = 2,
     seed: Annotated[int, typer.Option()] = 0,
     note: Annotated[str, typer.Option(help="Free text stored with the results (e.g. machine state).")] = "",
     out: Annotated[Path, typer.Option("--out", help="Folder for the CSV, JSON and plot.")] = Path(
@@ -125,6 +128,7 @@ def bench(
         train_steps=train_steps,
         train_batch_size=train_batch_size,
         train_workers=train_workers,
+        train_repeats=train_repeats,
         note=note,
     ).validate()
 
