@@ -118,6 +118,17 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
+def check_training_device(device: Any) -> None:
+    """The device of a training run (teacher, shadows, trainer bench): cpu, or cuda when torch sees a GPU."""
+    if device not in ("cpu", "cuda"):
+        raise TckrError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TckrError("device 'cuda' asked for but torch sees no CUDA GPU; use --device cpu")
+
+
 def is_finite_number(value: Any) -> bool:
     """An int or float (not a bool) that is neither NaN nor infinite: what a JSON record can hold."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -229,6 +229,7 @@ def main() -> None:
 
     from tckr_engine.bench.flops import device_name
     from tckr_engine.bench.kernels import git_sha
+    from tckr_engine.config import check_training_device
     from tckr_engine.engine.spec import versions
     from tckr_engine.errors import TckrError
     from tckr_engine.train.stream import open_shard_folder
@@ -259,10 +260,10 @@ def main() -> None:
         value, least = getattr(args, name), 0 if name in ("workers", "costs") else 1
         if value is not None and value < least:
             fail(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value}")
-    if args.device not in ("cpu", "cuda"):
-        fail(f"--device must be cpu or cuda, got {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda asked for but torch sees no CUDA GPU; use --device cpu")
+    try:
+        check_training_device(args.device)
+    except TckrError as e:
+        fail(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tckr_engine.config import check_positive
+from tckr_engine.config import check_positive, check_training_device
 from tckr_engine.data import load_dataset, train_val_split
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import write_json
@@ -116,10 +116,7 @@ class LiraConfig:
             raise TckrError(f"width applies to {', '.join(ARCHS)} only, not {self.arch}")
         if self.init_weights is not None and not is_timm:
             raise TckrError(f"init_weights applies to {TIMM_PREFIX}<name> classifiers only, not {self.arch}")
-        if self.device not in ("cpu", "cuda"):
-            raise TckrError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise TckrError("device 'cuda' asked for but torch sees no CUDA GPU; use --device cpu")
+        check_training_device(self.device)
         return self
 
 
