@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from tckr_engine.bench.flops import PeakMemory, device_peak, generation_flops, unet_flops
-from tckr_engine.bench.throughput import BenchConfig, run_bench
+from tckr_engine.bench.throughput import BenchConfig, format_table, run_bench
 from tckr_engine.errors import TckrError
 from tckr_engine.models.generator import build_preset
 
@@ -77,6 +78,39 @@ def test_stable_diffusion_pipeline_baseline_matches_engine(tiny_sd, tmp_path):
     assert "StableDiffusionPipeline" in base["notes"] and base["status"] == "ok"
     assert engine["status"] == "ok" and engine["max_abs_diff"] <= 1
     assert result["flops"]["decode_flops_per_image"] > 0 and result["trainer"] is None
+
+
+def test_time_budget_stops_timed_rounds_and_skips_rows(tmp_path):
+    """A spent budget: no new timed round (rows keep the rounds they finished), no new row, files written."""
+    import time
+
+    from tckr_engine.bench.throughput import BenchProgress, Budget, Contender, _timed_rounds
+
+    def slow(folder, on_batch):
+        time.sleep(0.3)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "a.tar").write_bytes(b"x")
+
+    for seconds, done in [(0.4, 1), (None, 3)]:  # 0.1 s left after round 1 < its 0.3 s: round 2 not started
+        c = Contender("engine", "torch", "sdpa", run=slow)
+        budget = Budget(seconds)
+        _timed_rounds([c], tmp_path / f"b{seconds}", 3, torch.device("cpu"), BenchProgress(), budget)
+        assert len(c.seconds) == done and c.status == "ok"
+        assert ("1 of 3 repeats (--time-budget)" in c.notes) == (seconds is not None)
+        assert bool(budget.stopped) == (seconds is not None)
+
+    cfg = BenchConfig(
+        preset="tiny-digits", device="cpu", batch_sizes=(8,), steps=2, images=8, repeats=2,
+        backends=("torch",), attention=("sdpa",), threads=1, train_steps=2, train_batch_size=8,
+        time_budget_s=1e-6,
+    )  # fmt: skip
+    result = run_bench(cfg, tmp_path / "out")
+    assert [r["status"] for r in result["rows"]] == [Budget(1e-6).skip_status()] * 3  # base, torch, trainer
+    assert result["time_budget"] == {
+        "seconds": 1e-6, "left_out": ["b=8 diffusers", "b=8 torch/sdpa", "the trainer row"]
+    }  # fmt: skip
+    assert all(Path(f).is_file() for f in result["files"].values())
+    assert "--time-budget 1e-06 s left out: b=8 diffusers" in format_table(result)
 
 
 def test_flop_count_matches_the_real_model():
@@ -148,6 +182,38 @@ def test_cpu_slices_keep_the_images():
         assert (images[0].int() - other.int()).abs().max() <= 1
 
 
+def test_engine_runs_groups_of_images_side_by_side_with_the_same_images():
+    """Eager torch on 2 CPU threads: groups of images run whole sampling loops on the worker threads; the
+    images are bitwise those of one loop over the batch whose UNet calls are cut into the same slices."""
+    from conftest import tiny_config
+
+    from tckr_engine.engine.backends import ParallelSlices
+    from tckr_engine.engine.engine import Engine
+    from tckr_engine.engine.sampler import denoise, initial_noise, make_scheduler
+    from tckr_engine.engine.spec import resolve
+
+    run, resources = resolve(tiny_config(threads=2, batch_size=20, num_images=40, shard_size=40).validate())
+    engine = Engine(run["spec"], resources)
+    assert isinstance(engine.denoiser, ParallelSlices) and engine.denoiser.workers == 2
+    assert engine.denoiser.group_size(20, 2) == 10  # 40 rows with guidance: two groups of 10 images
+    assert engine.denoiser.group_size(64, 2) == 16 and engine.denoiser.group_size(5, 1) == 3
+    batch = next(engine.scheduler.schedule([0]))
+    calls, map_ = [], engine.denoiser.map
+    engine.denoiser.map = lambda fn, items: calls.append(list(items)) or map_(fn, calls[-1])
+    images, _ = engine.sample(batch)
+    assert calls == [[slice(0, 10), slice(10, 20)]]  # whole loops over groups, not one loop over the batch
+    engine.denoiser.map = map_
+
+    gen, spec = engine.generator, run["spec"]
+    cond = engine.embed([j.prompt.text for j in batch.jobs])
+    noise = initial_noise([j.seed for j in batch.jobs], gen.latent_shape, torch.device("cpu"), torch.float32)
+    sched = make_scheduler(spec["sampler"], gen.schedule, gen.kind)
+    with torch.inference_mode():  # one loop; each UNet call cut into 2 slices of 20 rows (uncond | cond)
+        x = denoise(engine.denoiser, sched, noise * sched.init_noise_sigma, cond, engine._uncond,
+                    spec["guidance"], spec["steps"])  # fmt: skip
+    assert torch.equal(images, gen.decode(x))
+
+
 def test_cpu_ceiling_runs_every_slice_in_every_arrangement():
     """The same-kernels ceiling (bench/ceiling.py): every slice runs once per call, each worker one thread."""
     import threading
@@ -194,6 +260,8 @@ def test_device_peaks_and_peak_memory():
         ({"guidance": float("inf")}, "guidance must be a finite number"),
         ({"guidance": float("nan")}, "guidance must be a finite number"),
         ({"guidance": True}, "guidance must be a finite number"),
+        ({"time_budget_s": 0}, "time_budget_s must be a positive number"),
+        ({"time_budget_s": float("inf")}, "time_budget_s must be a positive number"),
     ],
 )
 def test_bad_config_is_one_clear_error(changes, words):

@@ -161,4 +161,7 @@ def format_table(result: dict[str, Any]) -> str:
             "%peak without a device peak (the CPU): % of the fp32 matmul rate measured in this run; "
             "convolutions can exceed it"
         )
+    budget = result.get("time_budget") or {}
+    if budget.get("left_out"):
+        lines.append(f"--time-budget {budget['seconds']:g} s left out: {'; '.join(budget['left_out'])}"[:400])
     return "\n".join(lines)

@@ -81,7 +81,7 @@ class BenchConfig:
     steps: int = 20  # TCKR's generation settings (REFERENCE.md §1.3)
     guidance: float = 2.0
     sampler: str = "dpm++"
-    images: int = 192  # per row and repeat; rounded up to a multiple of each batch size
+    images: int = 128  # per row and repeat; rounded up to a multiple of each batch size (2 CPU batches)
     repeats: int = 3
     backends: tuple[str, ...] = BACKENDS
     attention: tuple[str, ...] = ("sdpa", "triton", "xformers")
@@ -94,6 +94,10 @@ class BenchConfig:
     train_workers: int | None = None  # DataLoader workers of the stream; None: the trainer's default
     train_repeats: int = 2  # interleaved rounds of the trainer row's modes (median, min-max)
     note: str = ""  # free text recorded with the results (e.g. "contended machine")
+    # Seconds from the start after which no row is set up and no timed round starts (rows keep the rounds
+    # they finished, at least one each; the trainer row is skipped); None: no limit. For a machine lent
+    # for minutes: results are written instead of lost to an outer timeout.
+    time_budget_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def validate(self) -> BenchConfig:
@@ -121,6 +125,10 @@ class BenchConfig:
                 f"train_batch_size {self.train_batch_size} is more than the {first} images the trainer row "
                 "reads (the first engine row's); lower --train-batch-size or raise --images"
             )
+        if self.time_budget_s is not None and (
+            not is_finite_number(self.time_budget_s) or self.time_budget_s <= 0
+        ):
+            raise TckrError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s!r}")
         if not is_finite_number(self.guidance) or self.guidance < 0:
             raise TckrError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
         if self.device not in DEVICES:
@@ -149,6 +157,30 @@ class BenchProgress:
     def start(self, label: str, total: int) -> None: ...
 
     def advance(self, n: int) -> None: ...
+
+
+class Budget:
+    """The bench's `time_budget_s`, counted from construction; unlimited when None."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds, self.start = seconds, time.perf_counter()
+        self.stopped: list[str] = []  # what the budget cut, for the result and the terminal
+
+    def left(self) -> float:
+        if self.seconds is None:
+            return math.inf
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def spent(self, before: str) -> bool:
+        """True (and recorded) when the budget is used up before `before` starts."""
+        if self.left() > 0:
+            return False
+        self.stopped.append(before)
+        log.info("time budget of %.0f s spent: %s left out", self.seconds, before)
+        return True
+
+    def skip_status(self) -> str:
+        return f"skipped: the --time-budget of {self.seconds:g} s was spent before this row"
 
 
 def _sync(device: torch.device) -> None:
@@ -279,9 +311,23 @@ def _compare(baseline: dict[str, np.ndarray], engine: dict[str, np.ndarray]) -> 
 
 
 def _timed_rounds(
-    contenders: list[Contender], work: Path, repeats: int, device: torch.device, progress: BenchProgress
-) -> None:
+    contenders: list[Contender], work: Path, repeats: int, device: torch.device, progress: BenchProgress,
+    budget: Budget | None = None,
+) -> None:  # fmt: skip
+    """`repeats` rounds of every live contender; with a budget, round r > 0 starts only if the time left
+    covers one more round as long as the last one."""
+    last_round = 0.0
     for r in range(repeats):
+        if not any(c.status == "ok" for c in contenders):
+            return
+        if budget is not None and r > 0 and budget.left() < last_round:
+            budget.stopped.append(f"timed rounds {r + 1}-{repeats} of batch {work.name}")
+            log.info("time budget: stopping %s after %d of %d timed rounds", work.name, r, repeats)
+            for c in contenders:
+                if c.status == "ok":
+                    c.notes = "; ".join(filter(None, [c.notes, f"{r} of {repeats} repeats (--time-budget)"]))
+            return
+        t_round = time.perf_counter()
         for c in contenders:
             if c.status != "ok":
                 continue
@@ -303,6 +349,7 @@ def _timed_rounds(
             if c.last is not None:
                 shutil.rmtree(c.last, ignore_errors=True)
             c.last = folder
+        last_round = time.perf_counter() - t_round
 
 
 def _row(c: Contender, spec: dict[str, Any], flops: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
@@ -342,7 +389,7 @@ def _r(x: float | None, nd: int) -> float | None:
 
 def _bench_batch(
     cfg: BenchConfig, run: dict[str, Any], resources: Resources, work: Path, ref: dict[str, Any],
-    progress: BenchProgress,
+    progress: BenchProgress, budget: Budget,
 ) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
     """The rows of one batch size; also the tar paths of the first engine row (for the trainer row)."""
     spec = run["spec"]
@@ -351,19 +398,28 @@ def _bench_batch(
     sched = BatchScheduler(spec["num_images"], spec["shard_size"], b, resources.prompts, spec["seed"])
     batches = [batch.jobs[: batch.n_real] for batch in sched.schedule(range(run["num_shards"]))]
     contenders: list[Contender] = []
-    progress.status(f"b={b}: setting up the diffusers baseline")
-    contenders.append(_baseline_contender(run, resources, batches, device))
+    if budget.spent(f"b={b} diffusers"):
+        contenders.append(Contender("diffusers", "diffusers", "sdpa", status=budget.skip_status()))
+    else:
+        progress.status(f"b={b}: setting up the diffusers baseline")
+        contenders.append(_baseline_contender(run, resources, batches, device))
     for backend in cfg.backends:
         graph = backend in ("onnxruntime", "tensorrt")
         for attention in cfg.attention[:1] if graph else cfg.attention:
-            progress.status(f"b={b}: setting up engine {backend}" + ("" if graph else f"/{attention}"))
+            what = f"{backend}" + ("" if graph else f"/{attention}")
+            if budget.spent(f"b={b} {what}"):
+                skipped = Contender("engine", backend, "graph" if graph else attention)
+                skipped.status = budget.skip_status()
+                contenders.append(skipped)
+                continue
+            progress.status(f"b={b}: setting up engine {what}")
             contenders.append(_engine_contender(run, resources, backend, attention, cfg.writers))
     for c in contenders:
         what = f"setup {c.setup_s:.1f} s, warm-up {c.warmup_s:.1f} s" if c.status == "ok" else c.status
         progress.status(f"b={b} {c.backend}/{c.attention}: {what}")
     ok = [c for c in contenders if c.status == "ok"]
     progress.start(f"b={b} timed", cfg.repeats * len(ok) * spec["num_images"])
-    _timed_rounds(contenders, work / f"b{b}", cfg.repeats, device, progress)
+    _timed_rounds(contenders, work / f"b{b}", cfg.repeats, device, progress, budget)
 
     base = contenders[0]
     ref_images = read_pngs(base.last) if base.status == "ok" and base.last else None
@@ -432,6 +488,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
     """Run the benchmark of `cfg` and write its CSV / JSON / plot into `out`; returns the result dict
     (`config`, `meta`, `flops`, `matmul`, `rows`, `trainer`, `files`)."""
     cfg.validate()
+    budget = Budget(cfg.time_budget_s)
     progress = progress or BenchProgress()
     device_str, dtype = resolve_device(cfg.device, cfg.dtype)
     device = torch.device(device_str)
@@ -465,13 +522,17 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
         urls: list[str] = []
         for b in cfg.batch_sizes:
             brun = _with_batch(run, b, math.ceil(cfg.images / b) * b)
-            brows, burls = _bench_batch(cfg, brun, resources, work, ref, progress)
+            brows, burls = _bench_batch(cfg, brun, resources, work, ref, progress, budget)
             rows += brows
             urls = urls or burls
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if cfg.train_steps:
+        if cfg.train_steps and budget.spent("the trainer row"):
+            base = {"kind": "train", "attention": "-", "batch_size": cfg.train_batch_size}
+            rows.append({**base, "steps": cfg.train_steps, "name": "trainer", "backend": "-",
+                         "status": budget.skip_status()})  # fmt: skip
+        elif cfg.train_steps:
             rows += _trainer_rows(cfg, urls, run["spec"]["classes"], device, progress)
             trainer = rows[-1].pop("_detail", None)
     result = {
@@ -482,7 +543,10 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
         "device_peak_flops": ref["peak"],
         "rows": rows,
         "trainer": trainer,
+        "time_budget": {"seconds": cfg.time_budget_s, "left_out": budget.stopped},
     }
+    if budget.stopped:
+        progress.status(f"--time-budget {cfg.time_budget_s:g} s left out: {'; '.join(budget.stopped)}")
     result["files"] = write_results(Path(out), result)
     return result
 

@@ -66,7 +66,7 @@ def bench(
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 2.0,
     sampler: Annotated[str, typer.Option(help="ddim | dpm++ | euler")] = "dpm++",
-    images: Annotated[int, typer.Option(help="Images per row and repeat (rounded to whole batches).")] = 192,
+    images: Annotated[int, typer.Option(help="Images per row and repeat (rounded to whole batches).")] = 128,
     repeats: Annotated[int, typer.Option(help="Timed repeats per row (median and spread).")] = 3,
     backends: Annotated[str, typer.Option(help="Comma list of torch,compile,onnxruntime,tensorrt.")] = (
         "torch,compile,onnxruntime,tensorrt"
@@ -90,6 +90,14 @@ def bench(
         int, typer.Option("--train-repeats", help="Trainer row: interleaved rounds of its modes.")
     ] = 2,
     seed: Annotated[int, typer.Option()] = 0,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--time-budget",
+            help="Seconds after which no row is set up and no timed round starts; rows keep the rounds "
+            "they finished (at least one) and the results are written.",
+        ),
+    ] = None,
     note: Annotated[str, typer.Option(help="Free text stored with the results (e.g. machine state).")] = "",
     out: Annotated[Path, typer.Option("--out", help="Folder for the CSV, JSON and plot.")] = Path(
         "docs/bench"
@@ -129,6 +137,7 @@ def bench(
         train_batch_size=train_batch_size,
         train_workers=train_workers,
         train_repeats=train_repeats,
+        time_budget_s=time_budget,
         note=note,
     ).validate()
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -36,6 +37,9 @@ from tckr_engine.errors import TckrError
 from tckr_engine.models.generator import Generator
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 COMPILE_BACKEND_ENV = "TCKR_COMPILE_BACKEND"
 ORT_PROVIDER_ENV = "TCKR_ORT_PROVIDER"
@@ -258,24 +262,35 @@ class ParallelSlices(Denoiser):
             len(inners), thread_name_prefix="tckr-unet", initializer=torch.set_num_threads, initargs=(1,)
         )
 
-    def _slice(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, modes: tuple[bool, bool]
-    ) -> torch.Tensor:
+    def _with_free(self, fn: Callable[[Denoiser, T], R], item: T, modes: tuple[bool, bool]) -> R:
         inner = self.free.get()
         try:
             with torch.inference_mode(modes[0]), torch.set_grad_enabled(modes[1]):
-                return inner(x, t, context)
+                return fn(inner, item)
         finally:
             self.free.put(inner)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        r = min(self.rows, -(-x.shape[0] // self.workers))  # a small batch still keeps every worker busy
+    def map(self, fn: Callable[[Denoiser, T], R], items: Iterable[T]) -> list[R]:
+        """`fn(denoiser, item)` for every item on the worker threads, each call with a free single-threaded
+        denoiser; results in item order. The caller's grad / inference mode holds in the workers."""
         modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
-        futures = [
-            self.pool.submit(self._slice, x[i : i + r], t, context[i : i + r], modes)
-            for i in range(0, x.shape[0], r)
-        ]
-        return torch.cat([f.result() for f in futures])  # (B, C, h, w)
+        futures = [self.pool.submit(self._with_free, fn, item, modes) for item in items]
+        return [f.result() for f in futures]
+
+    def group_size(self, items: int, rows_per_item: int) -> int:
+        """Items (images) per group when whole sampling loops run side by side (`Engine.sample`): a
+        group's UNet call has at most `self.rows` rows, and a small batch still gives every worker one."""
+        return max(1, min(self.rows // rows_per_item, -(-items // self.workers)))
+
+    def slice_rows(self, rows: int) -> int:
+        """Rows per slice for a call of `rows` rows: at most `self.rows`, and a small call is still cut
+        into `workers` even slices so that every worker is busy."""
+        return max(1, min(self.rows, -(-rows // self.workers)))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        r = self.slice_rows(x.shape[0])
+        parts = self.map(lambda model, i: model(x[i : i + r], t, context[i : i + r]), range(0, x.shape[0], r))
+        return torch.cat(parts)  # (B, C, h, w)
 
 
 # Override of CPU_ROWS_PER_THREAD for profiling (0 = one call for the whole batch). It is recorded in the run

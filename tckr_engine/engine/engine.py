@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tckr_engine.engine.backends import make_denoiser
+from tckr_engine.engine.backends import Denoiser, ParallelSlices, make_denoiser
 from tckr_engine.engine.sampler import denoise, initial_noise, make_scheduler
 from tckr_engine.engine.scheduler import Batch, BatchScheduler
 from tckr_engine.engine.spec import DTYPES, Resources
@@ -69,17 +69,29 @@ class Engine:
         """Generate one batch: uint8 images (B, H, W, C) and teacher logits (B, K) or None, on the device."""
         jobs = batch.jobs
         cond = self.embed([j.prompt.text for j in jobs])  # (B, L, D)
-        sched = make_scheduler(self.spec["sampler"], self.generator.schedule, self.generator.kind)
         noise = initial_noise([j.seed for j in jobs], self.generator.latent_shape, self.device, self.dtype)
-        x = denoise(
-            self.denoiser,
-            sched,
-            noise * sched.init_noise_sigma,
-            cond,
-            self._uncond,
-            self.spec["guidance"],
-            self.spec["steps"],
-        )
+
+        def loop(model: Denoiser, rows: slice) -> torch.Tensor:  # the whole sampler on some of the images
+            sched = make_scheduler(self.spec["sampler"], self.generator.schedule, self.generator.kind)
+            return denoise(
+                model,
+                sched,
+                noise[rows] * sched.init_noise_sigma,
+                cond[rows],
+                self._uncond,
+                self.spec["guidance"],
+                self.spec["steps"],
+            )
+
+        if isinstance(self.denoiser, ParallelSlices):
+            # Groups of images run their own sampling loops side by side, one single-threaded UNet each:
+            # no barrier per denoising step (the scheduler's step and the CFG mix run in the workers too).
+            # A group's UNet call has the same rows as a ParallelSlices slice; the ops are row-wise, so the
+            # images are those of one loop over the whole batch (tests/test_bench.py).
+            g = self.denoiser.group_size(len(jobs), 2 if self._uncond is not None else 1)
+            x = torch.cat(self.denoiser.map(loop, [slice(i, i + g) for i in range(0, len(jobs), g)]))
+        else:
+            x = loop(self.denoiser, slice(None))
         images = self.generator.decode(x)  # (B, H, W, C) uint8
         logits = self.teacher(images).float() if self.teacher is not None else None  # (B, K)
         return images, logits
