@@ -256,7 +256,7 @@ def test_device_peaks_and_peak_memory():
         ({"batch_sizes": ()}, "batch_sizes"),
         ({"repeats": 0}, "repeats"),
         ({"train_steps": -1}, "train_steps"),
-        ({"images": 32, "batch_sizes": (8,)}, "train_batch_size 128 is more than the 32 images"),
+        ({"images": 32, "batch_sizes": (8,), "train_batch_size": 128}, "train_batch_size 128 is more than"),
         ({"guidance": float("inf")}, "guidance must be a finite number"),
         ({"guidance": float("nan")}, "guidance must be a finite number"),
         ({"guidance": True}, "guidance must be a finite number"),
@@ -267,6 +267,13 @@ def test_device_peaks_and_peak_memory():
 def test_bad_config_is_one_clear_error(changes, words):
     with pytest.raises(TckrError, match=words):
         BenchConfig(**changes).validate()
+
+
+def test_trainer_row_batch_defaults_to_the_trainers_capped_at_the_rows_images():
+    assert BenchConfig().validate().trainer_batch() == 64  # the default 64 images: one batch of 64
+    assert BenchConfig(images=300, batch_sizes=(64,)).trainer_batch() == 128  # the student trainer's
+    assert BenchConfig(images=20, batch_sizes=(8,)).validate().trainer_batch() == 24  # 3 whole batches
+    assert BenchConfig(images=64, train_batch_size=16).validate().trainer_batch() == 16
 
 
 def test_cli_bad_batch_sizes(cli):

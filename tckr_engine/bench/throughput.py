@@ -63,8 +63,11 @@ from tckr_engine.config import (
 from tckr_engine.engine.scheduler import BatchScheduler
 from tckr_engine.engine.spec import DTYPES, Resources, resolve, resolve_device, versions
 from tckr_engine.errors import TckrError
+from tckr_engine.train.gkd import StudentConfig
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TRAIN_BATCH = StudentConfig.batch_size  # the student trainer's default batch (`train --batch-size`)
 
 __all__ = ["BenchConfig", "BenchProgress", "format_table", "run_bench"]
 
@@ -81,7 +84,7 @@ class BenchConfig:
     steps: int = 20  # TCKR's generation settings (REFERENCE.md §1.3)
     guidance: float = 2.0
     sampler: str = "dpm++"
-    images: int = 128  # per row and repeat; rounded up to a multiple of each batch size (2 CPU batches)
+    images: int = 64  # per row and repeat; rounded up to a multiple of each batch size
     repeats: int = 3
     backends: tuple[str, ...] = BACKENDS
     attention: tuple[str, ...] = ("sdpa", "triton", "xformers")
@@ -90,7 +93,7 @@ class BenchConfig:
     seed: int = 0
     image_size: int | None = None  # override a preset's resolution
     train_steps: int = 16  # trainer row: optimiser steps per mode; 0 leaves the row out
-    train_batch_size: int = 128
+    train_batch_size: int | None = None  # None: the student trainer's 128, at most the images the row reads
     train_workers: int | None = None  # DataLoader workers of the stream; None: the trainer's default
     train_repeats: int = 2  # interleaved rounds of the trainer row's modes (median, min-max)
     note: str = ""  # free text recorded with the results (e.g. "contended machine")
@@ -109,7 +112,8 @@ class BenchConfig:
         check_positive("images", self.images)
         check_positive("repeats", self.repeats, hi=100)
         check_positive("writers", self.writers, hi=64)
-        check_positive("train_batch_size", self.train_batch_size)
+        if self.train_batch_size is not None:
+            check_positive("train_batch_size", self.train_batch_size)
         check_positive("train_repeats", self.train_repeats, hi=100)
         if self.threads is not None:
             check_positive("threads", self.threads, hi=1024)
@@ -119,8 +123,8 @@ class BenchConfig:
             or self.train_steps < 0
         ):
             raise TckrError(f"train_steps must be a non-negative integer, got {self.train_steps!r}")
-        first = math.ceil(self.images / self.batch_sizes[0]) * self.batch_sizes[0]
-        if self.train_steps and self.train_batch_size > first:
+        first = self.first_row_images()
+        if self.train_steps and self.trainer_batch() > first:
             raise TckrError(
                 f"train_batch_size {self.train_batch_size} is more than the {first} images the trainer row "
                 "reads (the first engine row's); lower --train-batch-size or raise --images"
@@ -147,6 +151,17 @@ class BenchConfig:
                 f"attention must be a list of {', '.join(choices)}; got {', '.join(bad) or 'none'}"
             )
         return self
+
+    def first_row_images(self) -> int:
+        """Images of the first batch size's rows (whole batches): the shards the trainer row reads."""
+        return math.ceil(self.images / self.batch_sizes[0]) * self.batch_sizes[0]
+
+    def trainer_batch(self) -> int:
+        """The trainer row's batch: `train_batch_size`, or the student trainer's default batch capped at
+        the images the row reads."""
+        if self.train_batch_size is not None:
+            return self.train_batch_size
+        return min(DEFAULT_TRAIN_BATCH, self.first_row_images())
 
 
 class BenchProgress:
@@ -529,7 +544,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if cfg.train_steps and budget.spent("the trainer row"):
-            base = {"kind": "train", "attention": "-", "batch_size": cfg.train_batch_size}
+            base = {"kind": "train", "attention": "-", "batch_size": cfg.trainer_batch()}
             rows.append({**base, "steps": cfg.train_steps, "name": "trainer", "backend": "-",
                          "status": budget.skip_status()})  # fmt: skip
         elif cfg.train_steps:
@@ -554,13 +569,13 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
 def _trainer_rows(
     cfg: BenchConfig, urls: list[str], classes: list[str], device: torch.device, progress: BenchProgress
 ) -> list[dict[str, Any]]:
-    base = {"kind": "train", "attention": "-", "batch_size": cfg.train_batch_size, "steps": cfg.train_steps}
+    base = {"kind": "train", "attention": "-", "batch_size": cfg.trainer_batch(), "steps": cfg.train_steps}
     if not urls:
         return [{**base, "name": "trainer", "backend": "-", "status": "skipped: no engine row wrote shards"}]
     progress.status(f"trainer row: {cfg.train_steps} steps streaming vs in memory")
     try:
         t = trainer_throughput(
-            urls, classes, device, cfg.train_batch_size, cfg.train_steps, cfg.train_workers,
+            urls, classes, device, cfg.trainer_batch(), cfg.train_steps, cfg.train_workers,
             repeats=cfg.train_repeats,
         )  # fmt: skip
     except Exception as e:

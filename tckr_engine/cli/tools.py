@@ -66,7 +66,7 @@ def bench(
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 2.0,
     sampler: Annotated[str, typer.Option(help="ddim | dpm++ | euler")] = "dpm++",
-    images: Annotated[int, typer.Option(help="Images per row and repeat (rounded to whole batches).")] = 128,
+    images: Annotated[int, typer.Option(help="Images per row and repeat (rounded to whole batches).")] = 64,
     repeats: Annotated[int, typer.Option(help="Timed repeats per row (median and spread).")] = 3,
     backends: Annotated[str, typer.Option(help="Comma list of torch,compile,onnxruntime,tensorrt.")] = (
         "torch,compile,onnxruntime,tensorrt"
@@ -81,7 +81,12 @@ def bench(
     train_steps: Annotated[
         int, typer.Option("--train-steps", help="Trainer row: steps per mode (0: no trainer row).")
     ] = 16,
-    train_batch_size: Annotated[int, typer.Option("--train-batch-size")] = 128,
+    train_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--train-batch-size", help="Trainer row batch (default: 128, at most the row's images)."
+        ),
+    ] = None,
     train_workers: Annotated[
         int | None,
         typer.Option("--train-workers", help="Trainer row: DataLoader workers (default: the trainer's)."),
