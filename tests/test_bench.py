@@ -134,7 +134,7 @@ def test_cpu_slicing_is_a_function_of_device_backend_and_threads(monkeypatch):
 
     assert cpu_slicing("cpu", "torch", 1) == {"rows": 32, "workers": 1}
     assert cpu_slicing("cpu", "torch", 2) == {"rows": 32, "workers": 2}  # side by side, a thread each
-    assert cpu_slicing("cpu", "onnxruntime", 2) == {"rows": 64, "workers": 1}
+    assert cpu_slicing("cpu", "onnxruntime", 2) == {"rows": 32, "workers": 2}
     assert cpu_slicing("cpu", "compile", 2) == {"rows": 64, "workers": 1}  # one slice on both threads
     assert cpu_slicing("cuda", "torch", 2) is None and cpu_slicing("cpu", "tensorrt", 2) is None
     monkeypatch.setenv(CPU_ROWS_ENV, "0")  # the profiling switch: off
@@ -212,6 +212,28 @@ def test_engine_runs_groups_of_images_side_by_side_with_the_same_images():
         x = denoise(engine.denoiser, sched, noise * sched.init_noise_sigma, cond, engine._uncond,
                     spec["guidance"], spec["steps"])  # fmt: skip
     assert torch.equal(images, gen.decode(x))
+
+
+def test_each_engine_row_runs_its_backends_own_cpu_slicing(tmp_path, monkeypatch):
+    """The bench resolves its spec once (with torch); each row must still slice the UNet as
+    `generate --backend` does: compile calls its graph from one thread, never from the torch workers."""
+    from tckr_engine.engine.backends import CompiledDenoiser
+
+    monkeypatch.setenv("TCKR_COMPILE_BACKEND", "aot_eager")
+    denoisers = []
+    init = CompiledDenoiser.__init__
+    monkeypatch.setattr(
+        CompiledDenoiser, "__init__", lambda self, spec, gen: denoisers.append(spec) or init(self, spec, gen)
+    )
+    cfg = BenchConfig(
+        preset="tiny-digits", device="cpu", batch_sizes=(8,), steps=2, images=8, repeats=1,
+        backends=("torch", "compile"), attention=("sdpa",), threads=2, train_steps=0,
+    )  # fmt: skip
+    rows = {r["backend"]: r for r in run_bench(cfg, tmp_path)["rows"]}
+    assert rows["torch"]["notes"] == "groups of 32 UNet rows side by side on 2 one-thread workers"
+    assert rows["compile"]["notes"] == "UNet slices of 64 rows on all threads"
+    assert [d["cpu_slicing"] for d in denoisers] == [{"rows": 64, "workers": 1}]  # one compiled denoiser
+    assert rows["compile"]["status"] == "ok" and rows["compile"]["max_abs_diff"] <= 1
 
 
 def test_cpu_ceiling_runs_every_slice_in_every_arrangement():

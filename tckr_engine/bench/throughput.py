@@ -266,7 +266,7 @@ def _baseline_contender(
 def _engine_contender(
     run: dict[str, Any], resources: Resources, backend: str, attention: str, writers: int
 ) -> Contender:
-    from tckr_engine.engine.backends import check_backend
+    from tckr_engine.engine.backends import check_backend, cpu_slicing
     from tckr_engine.engine.engine import Engine
     from tckr_engine.engine.generate import generate_shards, prepare_folder
     from tckr_engine.kernels.processor import check_attention_backend
@@ -281,7 +281,14 @@ def _engine_contender(
             check_attention_backend(attention)
             if attention != "sdpa" and device.type != "cuda":
                 raise TckrError(f"attention {attention} needs a CUDA GPU (on the CPU it would run SDPA)")
-        row_spec = {**spec, "backend": backend, "attention": "sdpa" if graph else attention}
+        # The backend's own CPU slicing, as `generate --backend` resolves it (the shared spec has torch's).
+        slicing = cpu_slicing(spec["device"], backend, spec["threads"])
+        row_spec = {
+            **spec,
+            "backend": backend,
+            "attention": "sdpa" if graph else attention,
+            "cpu_slicing": slicing,
+        }
         row_run = {**run, "spec": row_spec}
         if not graph and attention != "sdpa":  # the processors are swapped in place: use a private UNet
             gen = copy.copy(resources.generator)
@@ -298,11 +305,23 @@ def _engine_contender(
     except Exception as e:  # one backend that cannot run must not stop the others
         _fail(c, e)
         return c
+    c.notes = slicing_note(slicing)
     c.prepare = lambda folder: prepare_folder(folder, row_run, overwrite=True)
     c.run = lambda folder, on_batch: generate_shards(
         row_run, folder, range(row_run["num_shards"]), engine=engine, writers=writers, on_batch=on_batch
     )
     return c
+
+
+def slicing_note(slicing: dict[str, int] | None) -> str:
+    """How a row ran the UNet on the CPU (`engine.backends.cpu_slicing`), for its notes."""
+    if slicing is None:
+        return ""
+    if slicing["workers"] > 1:
+        return (
+            f"groups of {slicing['rows']} UNet rows side by side on {slicing['workers']} one-thread workers"
+        )
+    return f"UNet slices of {slicing['rows']} rows on all threads"
 
 
 def _with_batch(run: dict[str, Any], batch: int, images: int) -> dict[str, Any]:

@@ -15,10 +15,11 @@
 Backends that cannot run here fail at `check_backend` (called when the run spec is resolved) with one line.
 
 On the CPU every backend but TensorRT runs the UNet on row slices, so activations of a slice stay in the
-cores' caches between layers: `torch` runs slices of `CPU_ROWS_PER_THREAD` rows side by side, one per thread
-(`ParallelSlices`); `compile` and `onnxruntime` run slices of `CPU_ROWS_PER_THREAD x threads` rows one after
-another on all threads (`MicroBatched`). The slicing is part of the run spec (`cpu_slicing`), so shards stay
-byte-identical run to run.
+cores' caches between layers: `torch` and `onnxruntime` run groups of images whose UNet calls have
+`CPU_ROWS_PER_THREAD` rows, each group's whole sampling loop on its own worker thread with a one-thread
+denoiser (`ParallelSlices`, `Engine.sample`); `compile` runs slices of `CPU_ROWS_PER_THREAD x threads` rows
+one after another on all threads (`MicroBatched`). The slicing is part of the run spec (`cpu_slicing`), so
+shards stay byte-identical run to run.
 """
 
 from __future__ import annotations
@@ -221,11 +222,12 @@ def check_backend(backend: str, device: str, dtype: str) -> None:
 # identical images), 1.15x with torch.compile and 1.12x with ONNX Runtime; 8-row slices were slower.
 CPU_ROWS_PER_THREAD = 32
 # Backends whose slices run side by side, one single-threaded denoiser per worker thread (`ParallelSlices`).
-# Eager PyTorch: on the small pixel UNets one thread per slice beats one slice on all threads, whose per-layer
-# tensors are too small for intra-op parallelism to pay (tiny-fmnist bench, 2-core AMD EPYC, same images as
-# diffusers: 1.07x -> 1.21x; docs/bench/README.md). Not onnxruntime: its intra-op threads already scale
-# (1.66x -> 1.61x, within noise), and not compile: inductor fixes its kernels' thread count when it compiles.
-PARALLEL_SLICE_BACKENDS = ("torch",)
+# On the small pixel UNets one thread per slice beats one slice on all threads, whose per-layer tensors are
+# too small for intra-op parallelism to pay (tiny-fmnist, 2-core AMD EPYC; docs/bench/README.md): eager
+# PyTorch 1.07x -> 1.21x of diffusers with the same images; ONNX Runtime, two one-thread sessions against one
+# two-thread session, 1.3x. Not compile: dynamo's guards and caches are not made for one compiled function
+# called from several threads at once (concurrent calls recompiled it until its recompile limit).
+PARALLEL_SLICE_BACKENDS = ("torch", "onnxruntime")
 
 
 class MicroBatched(Denoiser):
