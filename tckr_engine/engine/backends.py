@@ -298,13 +298,17 @@ class ParallelSlices(Denoiser):
 # Override of CPU_ROWS_PER_THREAD for profiling (0 = one call for the whole batch). It is recorded in the run
 # spec (`cpu_slicing`) like the rest of the slicing, so a folder is never resumed under another slicing.
 CPU_ROWS_ENV = "TCKR_CPU_ROWS_PER_THREAD"
+# "0" runs every backend's slices one after another on all threads (`MicroBatched`), for A/B measurements of
+# the side-by-side arrangement; recorded in the spec the same way.
+CPU_SIDE_BY_SIDE_ENV = "TCKR_CPU_SIDE_BY_SIDE"
 
 
 def cpu_slicing(device: str, backend: str, threads: int) -> dict[str, int] | None:
     """How the CPU runs the UNet over a batch: slices of `rows` rows, `workers` of them at a time (each on
     one thread when workers > 1, else all `threads` on one slice). None: one call per batch, as on GPUs.
 
-    A pure function of the spec (device, backend, threads) and CPU_ROWS_ENV; resolve() stores it in the spec.
+    A pure function of the spec (device, backend, threads), CPU_ROWS_ENV and CPU_SIDE_BY_SIDE_ENV; resolve()
+    stores it in the spec.
     """
     if torch.device(device).type != "cpu" or backend == "tensorrt":
         return None
@@ -316,7 +320,10 @@ def cpu_slicing(device: str, backend: str, threads: int) -> dict[str, int] | Non
     if rows <= 0:
         return None
     threads = max(1, int(threads or 1))
-    if backend in PARALLEL_SLICE_BACKENDS and threads > 1:
+    side_by_side = os.environ.get(CPU_SIDE_BY_SIDE_ENV, "1").strip()
+    if side_by_side not in ("0", "1"):
+        raise TckrError(f"{CPU_SIDE_BY_SIDE_ENV} must be 0 or 1, got {side_by_side!r}")
+    if backend in PARALLEL_SLICE_BACKENDS and threads > 1 and side_by_side == "1":
         return {"rows": rows, "workers": threads}
     return {"rows": rows * threads, "workers": 1}
 
