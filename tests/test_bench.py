@@ -84,7 +84,7 @@ def test_time_budget_stops_timed_rounds_and_skips_rows(tmp_path):
     """A spent budget: no new timed round (rows keep the rounds they finished), no new row, files written."""
     import time
 
-    from tckr_engine.bench.throughput import BenchProgress, Budget, Contender, _timed_rounds
+    from tckr_engine.bench.contenders import BenchProgress, Budget, Contender, timed_rounds
 
     def slow(folder, on_batch):
         time.sleep(0.3)
@@ -94,7 +94,7 @@ def test_time_budget_stops_timed_rounds_and_skips_rows(tmp_path):
     for seconds, done in [(0.4, 1), (None, 3)]:  # 0.1 s left after round 1 < its 0.3 s: round 2 not started
         c = Contender("engine", "torch", "sdpa", run=slow)
         budget = Budget(seconds)
-        _timed_rounds([c], tmp_path / f"b{seconds}", 3, torch.device("cpu"), BenchProgress(), budget)
+        timed_rounds([c], tmp_path / f"b{seconds}", 3, torch.device("cpu"), BenchProgress(), budget)
         assert len(c.seconds) == done and c.status == "ok"
         assert ("1 of 3 repeats (--time-budget)" in c.notes) == (seconds is not None)
         assert bool(budget.stopped) == (seconds is not None)
