@@ -312,6 +312,25 @@ def test_kernel_bench_writes_csv_and_json_on_cpu(tmp_path):
     assert "triton" not in {r["backend"] for r in rows}  # triton rows need CUDA
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--device", "tpu"], "device must be cpu or cuda"),
+        (["--device", "cpu", "--shapes", "nope"], "unknown shapes"),
+        (["--device", "cpu", "--dtypes", "fp8"], "unknown dtypes"),
+        (["--device", "cpu", "--repeats", "0"], "--repeats and --batch must be integers >= 1"),
+    ],
+)
+def test_kernel_bench_command_bad_arguments_are_one_line(tmp_path, args, needle):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tckr_engine.bench.kernels", "--out-dir", str(tmp_path / "k"), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "k").exists()
+
+
 # --- GPU only: compiled kernel at SD shapes, bf16, torch.compile through the custom op ---
 
 

@@ -177,7 +177,14 @@ def run_kernel_bench(
         One dict per (shape, dtype, backend) with the keys in `COLUMNS`; `status` is "ok" or why the
         backend could not run ("unsupported: ..."), in which case ms / tflops / max_abs_err are None.
     """
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be cpu or cuda, got {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but no CUDA GPU is visible; use --device cpu")
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise ValueError(f"unknown dtypes {unknown}: use {', '.join(DTYPES)}")
@@ -312,15 +319,20 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=None, help="override every shape's batch")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    on_cuda = torch.device(args.device).type == "cuda"
-    result = run_kernel_bench(
-        args.out_dir,
-        device=args.device,
-        dtypes=(args.dtypes or ("fp16,bf16" if on_cuda else "fp32")).split(","),
-        repeats=args.repeats or (50 if on_cuda else 2),
-        shapes=args.shapes.split(",") if args.shapes else None,
-        batch=args.batch,
-    )
+    on_cuda = args.device.startswith("cuda")
+    if (args.repeats is not None and args.repeats < 1) or (args.batch is not None and args.batch < 1):
+        parser.error("--repeats and --batch must be integers >= 1")
+    try:
+        result = run_kernel_bench(
+            args.out_dir,
+            device=args.device,
+            dtypes=(args.dtypes or ("fp16,bf16" if on_cuda else "fp32")).split(","),
+            repeats=args.repeats or (50 if on_cuda else 2),
+            shapes=args.shapes.split(",") if args.shapes else None,
+            batch=args.batch,
+        )
+    except ValueError as e:  # bad arguments: one line, exit 2
+        parser.error(str(e))
     for r in result:
         speed = (
             f"{r['ms']:9.4f} ms {r['tflops']:8.2f} TFLOP/s err {r['max_abs_err']:.2g}"
