@@ -8,8 +8,10 @@ the UNet alone (no scheduler, no image encoding) in rows per second, on one fixe
 - `one-thread`: one thread, slices of `rows` rows one after another (x threads = perfect scaling);
 - `free-workers`: `threads` Python threads with one PyTorch thread each, each running slices of `rows`
   rows in a loop with no synchronisation: the fastest any arrangement of these kernels on these cores gets
-  (the engine cannot beat it without changing the kernels, hence the images);
-- `parallel-slices`: the engine's eager arrangement (`engine.backends.ParallelSlices`, a barrier per call).
+  (the engine cannot beat it without changing the kernels, hence the images). Since git 572d13b this is the
+  engine's eager arrangement: groups of images run whole sampling loops side by side (`Engine.sample`);
+- `parallel-slices`: one UNet call cut into slices on the workers with a barrier per call
+  (`engine.backends.ParallelSlices` called directly; the engine's arrangement before 572d13b).
 
 Repeats interleave the four so machine drift hits all of them; medians and spread go to a JSON file.
 
