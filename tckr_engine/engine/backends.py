@@ -225,8 +225,9 @@ CPU_ROWS_PER_THREAD = 32
 # On the small pixel UNets one thread per slice beats one slice on all threads, whose per-layer tensors are
 # too small for intra-op parallelism to pay (tiny-fmnist, 2-core AMD EPYC; docs/bench/README.md): eager
 # PyTorch 1.07x -> 1.21x of diffusers with the same images; ONNX Runtime, two one-thread sessions against one
-# two-thread session, 1.3x. Not compile: dynamo's guards and caches are not made for one compiled function
-# called from several threads at once (concurrent calls recompiled it until its recompile limit).
+# two-thread session, +10 % on the demo's generate with byte-identical shards. Not compile: dynamo's guards
+# and caches are not made for one compiled function called from several threads at once (concurrent calls
+# recompiled it until its recompile limit).
 PARALLEL_SLICE_BACKENDS = ("torch", "onnxruntime")
 
 
