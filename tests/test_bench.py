@@ -225,6 +225,10 @@ def test_each_engine_row_runs_its_backends_own_cpu_slicing(tmp_path, monkeypatch
     `generate --backend` does: compile calls its graph from one thread, never from the torch workers."""
     from tckr_engine.engine.backends import CompiledDenoiser
 
+    from tckr_engine.bench.throughput import ENGINE_ENV
+
+    for name in ENGINE_ENV:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TCKR_COMPILE_BACKEND", "aot_eager")
     denoisers = []
     init = CompiledDenoiser.__init__
@@ -235,7 +239,9 @@ def test_each_engine_row_runs_its_backends_own_cpu_slicing(tmp_path, monkeypatch
         preset="tiny-digits", device="cpu", batch_sizes=(8,), steps=2, images=8, repeats=1,
         backends=("torch", "compile"), attention=("sdpa",), threads=2, train_steps=0,
     )  # fmt: skip
-    rows = {r["backend"]: r for r in run_bench(cfg, tmp_path)["rows"]}
+    result = run_bench(cfg, tmp_path)
+    assert result["meta"]["env"] == {"TCKR_COMPILE_BACKEND": "aot_eager"}  # the switches in force
+    rows = {r["backend"]: r for r in result["rows"]}
     assert rows["torch"]["notes"] == "groups of 32 UNet rows side by side on 2 one-thread workers"
     assert rows["compile"]["notes"] == "UNet slices of 64 rows on all threads"
     assert [d["cpu_slicing"] for d in denoisers] == [{"rows": 64, "workers": 1}]  # one compiled denoiser

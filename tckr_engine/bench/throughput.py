@@ -25,6 +25,7 @@ import dataclasses
 import gc
 import logging
 import math
+import os
 import platform
 import statistics
 import tempfile
@@ -65,6 +66,11 @@ from tckr_engine.train.gkd import StudentConfig
 
 log = logging.getLogger(__name__)
 
+# The engine's environment switches (engine/backends.py, kernels/attention.py), recorded with every run.
+ENGINE_ENV = (
+    "TCKR_CPU_ROWS_PER_THREAD", "TCKR_CPU_SIDE_BY_SIDE", "TCKR_COMPILE_BACKEND", "TCKR_ORT_PROVIDER",
+    "TCKR_DISABLE_TRITON",
+)  # fmt: skip
 DEFAULT_TRAIN_BATCH = StudentConfig.batch_size  # the student trainer's default batch (`train --batch-size`)
 
 __all__ = ["BenchConfig", "BenchProgress", "format_table", "run_bench"]
@@ -296,6 +302,7 @@ def _meta(cfg: BenchConfig, device: torch.device, dtype: str, threads: int) -> d
         "git_sha": git_sha(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": cfg.note,
+        "env": {k: os.environ[k] for k in ENGINE_ENV if k in os.environ},  # A/B switches in force
     }
 
 
