@@ -223,9 +223,8 @@ def test_engine_runs_groups_of_images_side_by_side_with_the_same_images():
 def test_each_engine_row_runs_its_backends_own_cpu_slicing(tmp_path, monkeypatch):
     """The bench resolves its spec once (with torch); each row must still slice the UNet as
     `generate --backend` does: compile calls its graph from one thread, never from the torch workers."""
-    from tckr_engine.engine.backends import CompiledDenoiser
-
     from tckr_engine.bench.throughput import ENGINE_ENV
+    from tckr_engine.engine.backends import CompiledDenoiser
 
     for name in ENGINE_ENV:
         monkeypatch.delenv(name, raising=False)
