@@ -35,7 +35,7 @@ T=$(share 330 170)
 echo "== tckr-engine bench: sd15-arch at 512 px, 20 steps, CFG 2, fp16, beside the plain diffusers pipeline (${T} s)" | tee -a "$LOG"
 timeout "$T" python3 -m tckr_engine.cli bench --preset sd15-arch --device cuda --dtype fp16 --batch-sizes 8 \
   --images 32 --repeats 2 --backends torch,compile,onnxruntime,tensorrt --attention sdpa,triton,xformers \
-  --train-steps 32 --train-batch-size 32 --train-workers 8 --time-budget $((T - 70)) --out "$OUT/bench" \
+  --train-steps 32 --train-batch-size 32 --train-workers 8 --time-budget $((T > 140 ? T - 70 : T / 2)) --out "$OUT/bench" \
   --note "scripts/gpu-check.sh" 2>&1 | tee -a "$LOG" | tail -25
 
 T=$(share 120 60)
