@@ -119,7 +119,8 @@ def is_number(value: Any) -> bool:
 
 
 def check_training_device(device: Any) -> None:
-    """The device of a training run (teacher, shadows, trainer bench): cpu, or cuda when torch sees a GPU."""
+    """The device of a training or benchmark run (teacher, shadows, trainer and kernel benches): cpu, or cuda
+    when torch sees a GPU."""
     if device not in ("cpu", "cuda"):
         raise TckrError(f"device must be cpu or cuda, got {device!r}")
     if device == "cuda":

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tckr_engine.config import check_training_device
+from tckr_engine.errors import TckrError
 from tckr_engine.kernels.attention import HAS_TRITON, attention_flops, interpreting, triton_attention
 from tckr_engine.kernels.reference import attention_ref
 
@@ -181,10 +183,7 @@ def run_kernel_bench(
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"device must be cpu or cuda, got {device!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {str(device)!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but no CUDA GPU is visible; use --device cpu")
+    check_training_device(device.type)  # cpu, or cuda when torch sees a GPU (one TckrError line)
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise ValueError(f"unknown dtypes {unknown}: use {', '.join(DTYPES)}")
@@ -331,7 +330,7 @@ if __name__ == "__main__":
             shapes=args.shapes.split(",") if args.shapes else None,
             batch=args.batch,
         )
-    except ValueError as e:  # bad arguments: one line, exit 2
+    except (ValueError, TckrError) as e:  # bad arguments: one line, exit 2
         parser.error(str(e))
     for r in result:
         speed = (

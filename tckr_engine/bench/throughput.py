@@ -59,18 +59,22 @@ from tckr_engine.config import (
     check_positive,
     is_finite_number,
 )
+from tckr_engine.engine.backends import (
+    COMPILE_BACKEND_ENV,
+    CPU_ROWS_ENV,
+    CPU_SIDE_BY_SIDE_ENV,
+    ORT_PROVIDER_ENV,
+)
 from tckr_engine.engine.scheduler import BatchScheduler
 from tckr_engine.engine.spec import DTYPES, Resources, resolve, resolve_device, versions
 from tckr_engine.errors import TckrError
+from tckr_engine.kernels.attention import KILL_SWITCH_ENV
 from tckr_engine.train.gkd import StudentConfig
 
 log = logging.getLogger(__name__)
 
 # The engine's environment switches (engine/backends.py, kernels/attention.py), recorded with every run.
-ENGINE_ENV = (
-    "TCKR_CPU_ROWS_PER_THREAD", "TCKR_CPU_SIDE_BY_SIDE", "TCKR_COMPILE_BACKEND", "TCKR_ORT_PROVIDER",
-    "TCKR_DISABLE_TRITON",
-)  # fmt: skip
+ENGINE_ENV = (CPU_ROWS_ENV, CPU_SIDE_BY_SIDE_ENV, COMPILE_BACKEND_ENV, ORT_PROVIDER_ENV, KILL_SWITCH_ENV)
 DEFAULT_TRAIN_BATCH = StudentConfig.batch_size  # the student trainer's default batch (`train --batch-size`)
 
 __all__ = ["BenchConfig", "BenchProgress", "format_table", "run_bench"]
@@ -365,12 +369,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if cfg.train_steps and budget.spent("the trainer row"):
-            base = {"kind": "train", "attention": "-", "batch_size": cfg.trainer_batch()}
-            rows.append({**base, "steps": cfg.train_steps, "name": "trainer", "backend": "-",
-                         "status": budget.skip_status()})  # fmt: skip
-        elif cfg.train_steps:
-            rows += _trainer_rows(cfg, urls, run["spec"]["classes"], device, progress)
+        if cfg.train_steps:
+            rows += _trainer_rows(cfg, urls, run["spec"]["classes"], device, progress, budget)
             trainer = rows[-1].pop("_detail", None)
     result = {
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
@@ -389,9 +389,12 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
 
 
 def _trainer_rows(
-    cfg: BenchConfig, urls: list[str], classes: list[str], device: torch.device, progress: BenchProgress
-) -> list[dict[str, Any]]:
+    cfg: BenchConfig, urls: list[str], classes: list[str], device: torch.device, progress: BenchProgress,
+    budget: Budget,
+) -> list[dict[str, Any]]:  # fmt: skip
     base = {"kind": "train", "attention": "-", "batch_size": cfg.trainer_batch(), "steps": cfg.train_steps}
+    if budget.spent("the trainer row"):
+        return [{**base, "name": "trainer", "backend": "-", "status": budget.skip_status()}]
     if not urls:
         return [{**base, "name": "trainer", "backend": "-", "status": "skipped: no engine row wrote shards"}]
     progress.status(f"trainer row: {cfg.train_steps} steps streaming vs in memory")
