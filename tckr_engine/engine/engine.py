@@ -45,8 +45,8 @@ class Engine:
         self._uncond = self.embed([UNCOND_PROMPT]) if spec["guidance"] > 1.0 else None  # (1, L, D)
 
     def _set_attention(self, name: str) -> None:
-        if name == "sdpa":
-            return  # diffusers' default processor already calls scaled_dot_product_attention
+        # "sdpa" too: the engine's processor gives diffusers' output bit for bit and caches the
+        # cross-attention keys and values of a sampling loop's context (kernels/kv_cache.py)
         from tckr_engine.kernels.processor import set_attention_backend
 
         set_attention_backend(self.generator.unet, name)

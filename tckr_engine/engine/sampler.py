@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tckr_engine.errors import TckrError
+from tckr_engine.kernels.kv_cache import cross_attention_kv_cache
 
 # Callable (x (B, C, h, w), t (scalar tensor), context (B, L, D)) -> model output (B, C, h, w)
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,14 +72,16 @@ def denoise(
     # (2B, L, D) with guidance: unconditional rows first, as diffusers pipelines order them
     context = torch.cat([uncond.expand(cond.shape[0], -1, -1), cond]) if cfg else cond
     x = latents
-    for t in scheduler.timesteps:
-        x_in = torch.cat([x, x]) if cfg else x  # (2B or B, C, h, w)
-        x_in = scheduler.scale_model_input(x_in, t)
-        out = model(x_in, t, context)
-        if cfg:
-            out_u, out_c = out.chunk(2)
-            out = out_u + guidance * (out_c - out_u)
-        x = scheduler.step(out, t, x, return_dict=False)[0]
+    # `context` is one tensor for the whole loop: cross-attention layers project it to keys and values once
+    with cross_attention_kv_cache():
+        for t in scheduler.timesteps:
+            x_in = torch.cat([x, x]) if cfg else x  # (2B or B, C, h, w)
+            x_in = scheduler.scale_model_input(x_in, t)
+            out = model(x_in, t, context)
+            if cfg:
+                out_u, out_c = out.chunk(2)
+                out = out_u + guidance * (out_c - out_u)
+            x = scheduler.step(out, t, x, return_dict=False)[0]
     return x
 
 

@@ -1,9 +1,13 @@
-"""A diffusers attention processor that sends every UNet attention through `kernels.attention.attention`.
+"""The engine's diffusers attention processor: SDPA or the Triton kernel, cross-attention keys cached.
 
-`TritonAttnProcessor` is diffusers' `AttnProcessor2_0` (diffusers/models/attention_processor.py) with the
-SDPA call replaced: the projections, norms, residual and output rescaling are the same, so a UNet gives
-the same images with either processor up to kernel rounding. `set_attention_backend(unet, name)` swaps
-the processors of every attention layer; `default_attention_backend(device)` picks one per device.
+`EngineAttnProcessor` is diffusers' `AttnProcessor2_0` (diffusers/models/attention_processor.py) with two
+changes: the attention call is a parameter (`sdpa_attention`, or `kernels.attention.attention` for
+`TritonAttnProcessor`), and inside `kernels.kv_cache.cross_attention_kv_cache()` (the engine's sampling
+loop) a cross-attention layer projects its text context to keys and values once, not at every step. The
+projections, norms, residual and output rescaling are the same, so with SDPA a UNet gives bitwise the
+output of `AttnProcessor2_0` (tests/test_kernels.py), and with Triton the same up to kernel rounding.
+`set_attention_backend(unet, name)` swaps the processors of every attention layer;
+`default_attention_backend(device)` picks one per device.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 
 from tckr_engine.errors import TckrError
 from tckr_engine.kernels.attention import HAS_TRITON, attention, triton_disabled
+from tckr_engine.kernels.kv_cache import cross_kv
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +29,21 @@ ATTENTION_BACKENDS = ("sdpa", "triton", "xformers")
 AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, scale=...) -> out, all (B, H, S, D)
 
 
-class TritonAttnProcessor:
-    """Self- and cross-attention of a diffusers `Attention` module through the Triton kernel.
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """PyTorch's scaled_dot_product_attention, (B, H, S, D) in and out."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+class EngineAttnProcessor:
+    """Self- and cross-attention of a diffusers `Attention` module through `attention_fn`.
 
     Args:
-        attention_fn: the `(q, k, v, scale=None)` function to call; the default `attention` guards and
-            falls back to SDPA (CPU, autograd, kill switch). Tests pass `triton_attention` to force the
-            kernel (the Triton interpreter on CPU).
+        attention_fn: the `(q, k, v, scale=None)` function to call (default `sdpa_attention`).
     """
 
-    def __init__(self, attention_fn: AttentionFn = attention) -> None:
+    def __init__(self, attention_fn: AttentionFn = sdpa_attention) -> None:
         self.attention_fn = attention_fn
 
     def __call__(
@@ -70,11 +80,9 @@ class TritonAttnProcessor:
 
         query = attn.to_q(hidden_states)  # (B, Sq, H*D)
         if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)  # (B, Sk, H*D)
-        value = attn.to_v(encoder_hidden_states)  # (B, Sk, H*D)
+            key, value = _project_kv(attn, hidden_states)  # (B, Sk, H*D) each
+        else:  # the text context: the same tensor at every step of a sampling loop
+            key, value = cross_kv(attn, encoder_hidden_states, lambda c: _project_kv(attn, c, cross=True))
 
         head_dim = key.shape[-1] // attn.heads
         # Views, no copies: the kernel takes any strides with a contiguous head dim.
@@ -108,6 +116,27 @@ class TritonAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def _project_kv(
+    attn: torch.nn.Module, context: torch.Tensor, cross: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if cross and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    return attn.to_k(context), attn.to_v(context)
+
+
+class TritonAttnProcessor(EngineAttnProcessor):
+    """`EngineAttnProcessor` through the Triton kernel.
+
+    Args:
+        attention_fn: default `kernels.attention.attention`, which guards and falls back to SDPA (CPU,
+            autograd, kill switch). Tests pass `triton_attention` to force the kernel (the Triton
+            interpreter on CPU).
+    """
+
+    def __init__(self, attention_fn: AttentionFn = attention) -> None:
+        super().__init__(attention_fn)
+
+
 def _xformers_processor() -> object:
     try:
         import xformers.ops  # noqa: F401  (diffusers' processor imports it lazily; fail here, clearly)
@@ -134,16 +163,15 @@ def set_attention_backend(unet: torch.nn.Module, name: str) -> None:
 
     Args:
         unet: a diffusers model with `set_attn_processor` (e.g. `UNet2DConditionModel`).
-        name: "sdpa" (diffusers' `AttnProcessor2_0`), "triton" (`TritonAttnProcessor`; it falls back to
-            SDPA per call where the kernel cannot run) or "xformers" (`XFormersAttnProcessor`).
+        name: "sdpa" (`EngineAttnProcessor`: `AttnProcessor2_0`'s output bit for bit, cross-attention keys
+            cached in a sampling loop), "triton" (`TritonAttnProcessor`; it falls back to SDPA per call
+            where the kernel cannot run) or "xformers" (diffusers' `XFormersAttnProcessor`, no cache).
 
     Raises:
         TckrError: unknown name, or xformers requested but not importable.
     """
     if name == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        processor: object = AttnProcessor2_0()
+        processor: object = EngineAttnProcessor()
     elif name == "triton":
         if not HAS_TRITON or triton_disabled():
             log.warning("attention backend 'triton' without a usable Triton: every call falls back to SDPA")
