@@ -222,9 +222,21 @@ def test_engine_runs_groups_of_images_side_by_side_with_the_same_images():
 
 def test_each_engine_row_runs_its_backends_own_cpu_slicing(tmp_path, monkeypatch):
     """The bench resolves its spec once (with torch); each row must still slice the UNet as
-    `generate --backend` does: compile calls its graph from one thread, never from the torch workers."""
+    `generate --backend` does: compile calls its graph from one thread, never from the torch workers.
+    The engine swaps attention processors in place: the baseline's UNet must keep diffusers' own."""
+    from tckr_engine.bench.baseline import PixelLoop
     from tckr_engine.bench.throughput import ENGINE_ENV
     from tckr_engine.engine.backends import CompiledDenoiser
+
+    baseline_attention = []
+    call = PixelLoop.__call__
+
+    def recording_call(self, jobs):
+        procs = self.generator.unet.attn_processors.values()
+        baseline_attention.append({type(p).__name__ for p in procs})
+        return call(self, jobs)
+
+    monkeypatch.setattr(PixelLoop, "__call__", recording_call)
 
     for name in ENGINE_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -245,6 +257,8 @@ def test_each_engine_row_runs_its_backends_own_cpu_slicing(tmp_path, monkeypatch
     assert rows["compile"]["notes"] == "UNet slices of 64 rows on all threads"
     assert [d["cpu_slicing"] for d in denoisers] == [{"rows": 64, "workers": 1}]  # one compiled denoiser
     assert rows["compile"]["status"] == "ok" and rows["compile"]["max_abs_diff"] <= 1
+    assert len(baseline_attention) == 2 and all(a == {"AttnProcessor2_0"} for a in baseline_attention)
+    assert rows["torch"]["max_abs_diff"] == 0  # the engine's processor and cache: the same images
 
 
 def test_cpu_ceiling_runs_every_slice_in_every_arrangement():

@@ -49,6 +49,11 @@ class Baseline:
         self.device = torch.device(spec["device"])
         self.describe = ""
 
+    def attention_note(self) -> str:
+        """The UNet's attention processor classes (diffusers' own for a plain baseline)."""
+        procs = getattr(self.generator.unet, "attn_processors", {})
+        return "attention " + ("+".join(sorted({type(p).__name__ for p in procs.values()})) or "none")
+
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         enc = self.generator.text_encoder
         cond = enc(prompts)  # (B, L, D)
@@ -85,7 +90,8 @@ class PixelLoop(Baseline):
         self.processor = VaeImageProcessor(do_normalize=True)
         self.describe = (
             f"plain diffusers loop: {type(self.generator.unet).__name__} + "
-            f"{type(self.scheduler).__name__}, CFG as one batch, VaeImageProcessor.postprocess, PIL save"
+            f"{type(self.scheduler).__name__}, CFG as one batch, VaeImageProcessor.postprocess, PIL save, "
+            f"{self.attention_note()}"
         )
 
     @torch.no_grad()
@@ -131,7 +137,7 @@ class SDPipeline(Baseline):
         self.pipe.set_progress_bar_config(disable=True)
         self.describe = (
             f"diffusers StableDiffusionPipeline ({type(self.scheduler).__name__}), prompt_embeds from the "
-            "generator's text encoder, output_type='pil', PIL save"
+            f"generator's text encoder, output_type='pil', PIL save, {self.attention_note()}"
         )
 
     def __call__(self, jobs: Sequence[Job]) -> list[Any]:

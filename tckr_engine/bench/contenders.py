@@ -158,7 +158,8 @@ def engine_contender(
             "cpu_slicing": slicing,
         }
         row_run = {**run, "spec": row_spec}
-        if not graph and attention != "sdpa":  # the processors are swapped in place: use a private UNet
+        if not graph:  # the engine swaps the attention processors in place: a private UNet, the
+            # baseline keeps diffusers' own (its notes name them)
             gen = copy.copy(resources.generator)
             gen.unet = copy.deepcopy(gen.unet)
             resources = dataclasses.replace(resources, generator=gen)

@@ -193,6 +193,8 @@ class TensorRTDenoiser(_OnnxUNet):
 _CLASSES: dict[str, type[Denoiser]] = {
     c.name: c for c in (TorchDenoiser, CompiledDenoiser, OnnxRuntimeDenoiser, TensorRTDenoiser)
 }
+# Backends that run the PyTorch UNet (its attention processors matter); the others run an exported graph.
+TORCH_UNET_BACKENDS = (TorchDenoiser.name, CompiledDenoiser.name)
 
 
 def check_backend(backend: str, device: str, dtype: str) -> None:
