@@ -276,9 +276,11 @@ def test_cpu_ceiling_runs_every_slice_in_every_arrangement():
         with lock:
             seen.append((x.data_ptr(), torch.get_num_threads()))
 
-    _free_workers(call, parts * 3, threads=2)  # 9 slices over 2 workers, each on one PyTorch thread
+    _free_workers(call, parts, threads=2, calls=3)  # 3 slices x 3 calls over 2 workers, one thread each
     assert sorted(p for p, _ in seen) == sorted(p[0].data_ptr() for p in parts * 3)
     assert {n for _, n in seen} == {1}
+    worker0 = [p for p, _ in seen if p in (parts[0][0].data_ptr(), parts[2][0].data_ptr())]
+    assert worker0 == [parts[0][0].data_ptr()] * 3 + [parts[2][0].data_ptr()] * 3  # a slice's calls in a row
     result = measure(gen, threads=2, batch=16, rows=4, calls=1, repeats=1)
     assert set(result) == set(MODES) and all(result[m]["rows_per_s"] > 0 for m in MODES)
     assert result["intra-op"]["x_intra_op"] == 1.0

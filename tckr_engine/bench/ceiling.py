@@ -2,7 +2,7 @@
 
 The bench's eager row gives the images of the diffusers baseline bit for bit because it runs the same
 kernels; any speed-up it gets can only come from arranging those kernels better on the cores. This measures
-the UNet alone (no scheduler, no image encoding) in rows per second, on one fixed batch, four ways:
+the UNet alone (no scheduler, no image encoding) in rows per second, on one fixed batch, five ways:
 
 - `intra-op`: one call for the whole batch on `threads` PyTorch threads (what the diffusers baseline does);
 - `one-thread`: one thread, slices of `rows` rows one after another (x threads = perfect scaling);
@@ -11,9 +11,15 @@ the UNet alone (no scheduler, no image encoding) in rows per second, on one fixe
   (the engine cannot beat it without changing the kernels, hence the images). Since git 572d13b this is the
   engine's eager arrangement: groups of images run whole sampling loops side by side (`Engine.sample`);
 - `parallel-slices`: one UNet call cut into slices on the workers with a barrier per call
-  (`engine.backends.ParallelSlices` called directly; the engine's arrangement before 572d13b).
+  (`engine.backends.ParallelSlices` called directly; the engine's arrangement before 572d13b);
+- `free-workers-kv`: `free-workers` with the engine's attention processor inside
+  `cross_attention_kv_cache()`, as a sampling loop runs it since git d34371c: each slice's text context is
+  projected to cross-attention keys and values once, not on every call (same output bits, less work).
 
-Repeats interleave the four so machine drift hits all of them; medians and spread go to a JSON file.
+In both free-workers modes a worker runs each of its slices `calls` times in a row, as a group of images
+runs its denoising steps.
+
+Repeats interleave the modes so machine drift hits all of them; medians and spread go to a JSON file.
 
     python -m tckr_engine.bench.ceiling --preset tiny-fmnist --threads 2 \\
         --out docs/bench/cpu-ceiling-tiny-fmnist.json
@@ -22,6 +28,8 @@ Repeats interleave the four so machine drift hits all of them; medians and sprea
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -40,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODES = ("intra-op", "one-thread", "free-workers", "parallel-slices")
+MODES = ("intra-op", "one-thread", "free-workers", "parallel-slices", "free-workers-kv")
 
 
 def _inputs(gen: Generator, rows: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -65,15 +73,22 @@ def _timed(fn: Callable[[], None]) -> float:
 
 
 def _free_workers(
-    call: Callable[..., torch.Tensor], parts: list[tuple[torch.Tensor, ...]], threads: int
+    call: Callable[..., torch.Tensor],
+    parts: list[tuple[torch.Tensor, ...]],
+    threads: int,
+    calls: int,
+    cached: bool = False,
 ) -> None:
-    """Each worker takes every `threads`-th slice; no barrier between calls."""
+    """Each worker takes every `threads`-th slice and calls it `calls` times in a row; no barrier."""
+    from tckr_engine.kernels.kv_cache import cross_attention_kv_cache
 
     def work(k: int) -> None:
         torch.set_num_threads(1)
         with torch.inference_mode():
             for part in parts[k::threads]:
-                call(*part)
+                with cross_attention_kv_cache() if cached else contextlib.nullcontext():
+                    for _ in range(calls):
+                        call(*part)
 
     workers = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
     for w in workers:
@@ -88,8 +103,12 @@ def measure(
     """Rows/sec per mode (median over `repeats` interleaved rounds of `calls` batch-sized calls each)."""
     from tckr_engine.engine.backends import ParallelSlices, TorchDenoiser
     from tckr_engine.engine.sampler import unet_fn
+    from tckr_engine.kernels.processor import set_attention_backend
 
-    call = unet_fn(gen.unet.eval().requires_grad_(False))
+    call = unet_fn(gen.unet.eval().requires_grad_(False))  # diffusers' attention processors
+    engine_unet = copy.deepcopy(gen.unet)
+    set_attention_backend(engine_unet, "sdpa")  # the engine's processor (cross-attention keys cached)
+    engine_call = unet_fn(engine_unet)
     full = _inputs(gen, batch)
     parts = _slices(full, rows)
     sliced = ParallelSlices([TorchDenoiser({}, gen) for _ in range(threads)], rows)
@@ -106,14 +125,19 @@ def measure(
                 call(*part)
 
     def free_workers() -> None:
-        _free_workers(call, parts * calls, threads)
+        _free_workers(call, parts, threads, calls)
 
     def parallel_slices() -> None:
         torch.set_num_threads(threads)  # the caller's own threads (scheduler math) as in the engine
         for _ in range(calls):
             sliced(*full)
 
-    runs = dict(zip(MODES, (intra_op, one_thread, free_workers, parallel_slices), strict=True))
+    def free_workers_kv() -> None:
+        _free_workers(engine_call, parts, threads, calls, cached=True)
+
+    runs = dict(
+        zip(MODES, (intra_op, one_thread, free_workers, parallel_slices, free_workers_kv), strict=True)
+    )
     times: dict[str, list[float]] = {m: [] for m in MODES}
     before = torch.get_num_threads()
     try:
@@ -169,7 +193,7 @@ def run(preset: str, *, threads: int, batch: int, rows: int, calls: int, repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="UNet rows/sec on the CPU with the same kernels, four ways.")
+    parser = argparse.ArgumentParser(description="UNet rows/sec on the CPU with the same kernels, five ways.")
     parser.add_argument("--preset", default="tiny-fmnist")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128, help="rows per batch (the bench: 64 images x CFG)")

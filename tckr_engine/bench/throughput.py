@@ -65,7 +65,6 @@ from tckr_engine.engine.backends import (
     CPU_SIDE_BY_SIDE_ENV,
     ORT_PROVIDER_ENV,
 )
-from tckr_engine.engine.cpu_alloc import CPU_MALLOC_ENV, malloc_tuned
 from tckr_engine.engine.scheduler import BatchScheduler
 from tckr_engine.engine.spec import DTYPES, Resources, resolve, resolve_device, versions
 from tckr_engine.errors import TckrError
@@ -75,14 +74,7 @@ from tckr_engine.train.gkd import StudentConfig
 log = logging.getLogger(__name__)
 
 # The engine's environment switches (engine/backends.py, kernels/attention.py), recorded with every run.
-ENGINE_ENV = (
-    CPU_ROWS_ENV,
-    CPU_SIDE_BY_SIDE_ENV,
-    CPU_MALLOC_ENV,
-    COMPILE_BACKEND_ENV,
-    ORT_PROVIDER_ENV,
-    KILL_SWITCH_ENV,
-)
+ENGINE_ENV = (CPU_ROWS_ENV, CPU_SIDE_BY_SIDE_ENV, COMPILE_BACKEND_ENV, ORT_PROVIDER_ENV, KILL_SWITCH_ENV)
 DEFAULT_TRAIN_BATCH = StudentConfig.batch_size  # the student trainer's default batch (`train --batch-size`)
 
 __all__ = ["BenchConfig", "BenchProgress", "format_table", "run_bench"]
@@ -380,9 +372,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
         if cfg.train_steps:
             rows += _trainer_rows(cfg, urls, run["spec"]["classes"], device, progress, budget)
             trainer = rows[-1].pop("_detail", None)
-    # Process-wide, set up by the first CPU engine row before any timed round: the baseline's rounds ran
-    # with it too, so the ratio does not credit it to the engine (engine/cpu_alloc.py).
-    meta["malloc_tuned"] = malloc_tuned()
     result = {
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
         "meta": meta,

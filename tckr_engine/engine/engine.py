@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from tckr_engine.engine.backends import TORCH_UNET_BACKENDS, Denoiser, ParallelSlices, make_denoiser
-from tckr_engine.engine.cpu_alloc import tune_cpu_allocator
 from tckr_engine.engine.sampler import denoise, initial_noise, make_scheduler
 from tckr_engine.engine.scheduler import Batch, BatchScheduler
 from tckr_engine.engine.spec import DTYPES, Resources
@@ -34,8 +33,6 @@ class Engine:
         self.spec = spec
         self.device = torch.device(spec["device"])
         self.dtype = DTYPES[spec["dtype"]]
-        if self.device.type == "cpu":
-            tune_cpu_allocator()  # glibc keeps freed activations instead of unmapping them (cpu_alloc.py)
         self.generator = resources.generator.to(self.device, self.dtype)
         self.teacher = resources.teacher
         if self.teacher is not None:

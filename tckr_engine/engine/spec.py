@@ -20,7 +20,6 @@ from tckr_engine import __version__
 from tckr_engine.config import GenerateConfig
 from tckr_engine.data.captions import Prompt, captions_digest, read_captions, template_prompts
 from tckr_engine.engine.backends import check_backend, cpu_slicing
-from tckr_engine.engine.cpu_alloc import cpu_malloc_enabled
 from tckr_engine.engine.sampler import make_scheduler, scheduler_description
 from tckr_engine.errors import TckrError
 from tckr_engine.models.classifier import Classifier, load_classifier
@@ -98,8 +97,6 @@ def resolve(cfg: GenerateConfig, previous: dict[str, Any] | None = None) -> tupl
     cfg.validate()
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     check_backend(cfg.backend, device, dtype)  # a backend that cannot run here fails before any loading
-    if device == "cpu":
-        cpu_malloc_enabled()  # a bad $TCKR_CPU_MALLOC fails here too
     threads = cfg.threads
     if threads is None and previous is not None:
         threads = previous.get("spec", {}).get("threads")
