@@ -127,6 +127,10 @@ def test_flop_count_matches_the_real_model():
     assert meta["bmm"] > 0  # attention, counted on the meta device
     total = generation_flops(gen, steps=3, cfg=True)
     assert total["flops_per_image"] == 6 * sum(unet_flops(gen, rows=1).values())
+    # what the engine's key cache skips: to_k and to_v of every cross-attention layer, 2 of 3 steps x CFG
+    kv = [m for n, m in gen.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    per_row = sum(2 * 32 * m.in_features * m.out_features for m in kv)  # 32 text tokens
+    assert kv and total["cross_kv_flops_skipped_per_image"] == 2 * 2 * per_row
 
 
 def test_cpu_slicing_is_a_function_of_device_backend_and_threads(monkeypatch):

@@ -146,3 +146,18 @@ def test_denoise_projects_the_context_once_per_loop(unet, guidance):
     with torch.inference_mode():
         unet.set_attn_processor(AttnProcessor2_0())
     assert torch.equal(run(), out)  # diffusers' processor, no cache: the same latents bit for bit
+
+
+def test_compiled_unet_takes_the_engines_processor_in_one_graph(unet):
+    """torch.compile traces the processor without a graph break and computes keys in the graph (the cache
+    is off while compiling), inside the scope as the engine's compile backend runs it."""
+    calls = KeyCalls(unet)
+    x, t = latents(), torch.tensor(500)
+    (ctx,) = contexts(1)
+    with torch.inference_mode():
+        expected = unet(x, t, ctx).sample
+        compiled = torch.compile(unet, fullgraph=True, backend="eager")  # fullgraph: a break raises
+        with cross_attention_kv_cache():
+            got = [compiled(x, t, ctx).sample for _ in range(2)]
+    assert all(torch.equal(g, expected) for g in got)
+    assert calls.cross == 3 * calls.layers  # eager once, then the graph projects on every call

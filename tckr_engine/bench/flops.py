@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import resource
@@ -79,8 +80,8 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
         return type(module).from_config(module.config).eval()
 
 
-def unet_flops(generator: Generator, rows: int = 1) -> dict[str, int]:
-    """FLOPs of one UNet call on `rows` rows, by aten op (convolution, addmm, mm, bmm, ...)."""
+def _unet_call(generator: Generator, rows: int, copy_unet: bool = False) -> tuple[Any, torch.nn.Module]:
+    """(a function running one UNet call on `rows` zero rows, the UNet it runs), on the meta device."""
     c, h, w = generator.latent_shape
     enc = generator.text_encoder
     dim = int(generator.unet.config.cross_attention_dim)
@@ -89,10 +90,30 @@ def unet_flops(generator: Generator, rows: int = 1) -> dict[str, int]:
     except Exception as e:  # a model class without from_config: count on the real weights instead
         log.info("meta-device copy failed (%s); counting FLOPs on the real UNet", e)
         unet, dev = generator.unet, generator.device
+        if copy_unet:
+            unet = copy.deepcopy(unet)
     x = torch.zeros(rows, c, h, w, device=dev, dtype=generator.dtype)
     ctx = torch.zeros(rows, int(enc.length), dim, device=dev, dtype=generator.dtype)
     t = torch.tensor(500, device=dev)
-    return _count(lambda: unet(x, t, encoder_hidden_states=ctx, return_dict=False))
+    return (lambda: unet(x, t, encoder_hidden_states=ctx, return_dict=False)), unet
+
+
+def unet_flops(generator: Generator, rows: int = 1) -> dict[str, int]:
+    """FLOPs of one UNet call on `rows` rows, by aten op (convolution, addmm, mm, bmm, ...)."""
+    return _count(_unet_call(generator, rows)[0])
+
+
+def cross_kv_flops(generator: Generator, rows: int = 1) -> int:
+    """FLOPs of one UNet call that the engine's cross-attention key cache (kernels/kv_cache.py) skips on
+    every call of a sampling loop after the first: the first call in the scope minus the second."""
+    from tckr_engine.kernels.kv_cache import cross_attention_kv_cache
+    from tckr_engine.kernels.processor import set_attention_backend
+
+    call, unet = _unet_call(generator, rows, copy_unet=True)
+    set_attention_backend(unet, "sdpa")  # the engine's processor
+    with cross_attention_kv_cache():
+        first, cached = (sum(_count(call).values()) for _ in range(2))
+    return int(first - cached)
 
 
 def decode_flops(generator: Generator) -> dict[str, int]:
@@ -111,11 +132,15 @@ def generation_flops(generator: Generator, steps: int, cfg: bool) -> dict[str, A
     decode = decode_flops(generator)
     calls = steps * (2 if cfg else 1)
     total = calls * sum(per_call.values()) + sum(decode.values())
+    rows_per_step = 2 if cfg else 1
     return {
         "flops_per_image": int(total),
         "unet_flops_per_row": int(sum(per_call.values())),
         "unet_flops_by_op": per_call,
         "unet_rows_per_image": calls,
+        # not done by the engine's eager loop (calls after the first reuse the keys): the rows' GFLOP/s
+        # use flops_per_image for every row, the work as diffusers does it
+        "cross_kv_flops_skipped_per_image": (steps - 1) * rows_per_step * cross_kv_flops(generator),
         "decode_flops_per_image": int(sum(decode.values())),
         "counted_with": "torch.utils.flop_counter.FlopCounterMode (matmul, conv, attention; meta device)",
     }

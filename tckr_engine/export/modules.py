@@ -37,15 +37,8 @@ def _plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from tckr_engine.kernels.processor import EngineAttnProcessor, sdpa_attention
-
-    def plain_sdpa(p: object) -> bool:  # the engine's "sdpa" processor traces as AttnProcessor2_0 does
-        return type(p) is AttnProcessor2_0 or (
-            type(p) is EngineAttnProcessor and p.attention_fn is sdpa_attention
-        )
-
     procs = getattr(unet, "attn_processors", {})
-    default = all(plain_sdpa(p) for p in procs.values())
+    default = all(type(p) is AttnProcessor2_0 for p in procs.values())
     param = next(unet.parameters())
     if default and param.device.type == "cpu" and param.dtype == torch.float32:
         return unet

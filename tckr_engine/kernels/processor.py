@@ -5,7 +5,7 @@ changes: the attention call is a parameter (`sdpa_attention`, or `kernels.attent
 `TritonAttnProcessor`), and inside `kernels.kv_cache.cross_attention_kv_cache()` (the engine's sampling
 loop) a cross-attention layer projects its text context to keys and values once, not at every step. The
 projections, norms, residual and output rescaling are the same, so with SDPA a UNet gives bitwise the
-output of `AttnProcessor2_0` (tests/test_kernels.py), and with Triton the same up to kernel rounding.
+output of `AttnProcessor2_0` (tests/test_kv_cache.py), and with Triton the same up to kernel rounding.
 `set_attention_backend(unet, name)` swaps the processors of every attention layer;
 `default_attention_backend(device)` picks one per device.
 """
