@@ -34,6 +34,25 @@ def tiny_config(**changes) -> GenerateConfig:
     return GenerateConfig(**{**TINY, **changes})
 
 
+def tiny_unet():
+    """A tiny text-conditioned UNet: 4 transformer blocks (down 1, mid 1, up 2), self + cross attention."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),  # attention at 8x8 and in the mid block
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,  # diffusers' name for the number of heads: head dims 8 (64 tokens), 16 (mid)
+        norm_num_groups=8,
+    ).eval()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

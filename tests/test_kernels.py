@@ -20,6 +20,7 @@ import json
 
 import pytest
 import torch.nn.functional as F
+from conftest import tiny_unet
 
 from tckr_engine.errors import TckrError
 from tckr_engine.kernels import attention as K
@@ -203,24 +204,6 @@ def test_reference_matches_sdpa_and_keeps_dtype():
 
 
 # --- the diffusers processor on a tiny UNet ---
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),  # attention at 8x8 and in the mid block
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,  # diffusers' name for the number of heads: head dims 8 (64 tokens), 16 (mid)
-        norm_num_groups=8,
-    ).eval()
 
 
 def unet_inputs(device="cpu", dtype=torch.float32):

@@ -11,29 +11,12 @@ import threading
 
 import pytest
 import torch
+from conftest import tiny_unet
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from tckr_engine.engine.sampler import denoise, make_scheduler
 from tckr_engine.kernels.kv_cache import cross_attention_kv_cache
 from tckr_engine.kernels.processor import EngineAttnProcessor, set_attention_backend
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,
-        norm_num_groups=8,
-    ).eval()
 
 
 def contexts(n, seed=3):
