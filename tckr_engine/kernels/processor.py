@@ -119,6 +119,8 @@ class EngineAttnProcessor:
 def _project_kv(
     attn: torch.nn.Module, context: torch.Tensor, cross: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key, value), each (B, S, H*D), of `context` (B, S, C); a cross-attention context is normalised
+    first where the layer has `norm_cross`, as in `AttnProcessor2_0`."""
     if cross and attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
     return attn.to_k(context), attn.to_v(context)
