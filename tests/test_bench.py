@@ -290,6 +290,17 @@ def test_cpu_ceiling_runs_every_slice_in_every_arrangement():
     assert result["intra-op"]["x_intra_op"] == 1.0
 
 
+def test_ceiling_profile_names_the_ops_of_a_call():
+    from tckr_engine.bench.ceiling import profile_ops
+
+    ops = profile_ops(build_preset("tiny-digits"), rows=4, calls=1, top=50)
+    names = {o["op"] for o in ops}
+    assert "aten::mkldnn_convolution" in names or "aten::convolution" in names
+    shares = [o["share"] for o in ops]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0001
+    assert all(o["self_ms_per_unet_call"] >= 0 and o["calls_per_unet_call"] > 0 for o in ops)
+
+
 def test_device_peaks_and_peak_memory():
     assert device_peak("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert device_peak("NVIDIA H100 PCIe", "fp16") == 756e12

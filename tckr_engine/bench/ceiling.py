@@ -20,6 +20,8 @@ In both free-workers modes a worker runs each of its slices `calls` times in a r
 runs its denoising steps.
 
 Repeats interleave the modes so machine drift hits all of them; medians and spread go to a JSON file.
+`--profile` adds where one call's time goes: the PyTorch profiler's top ops (by op and input shapes) of
+one single-threaded call on a slice, with diffusers' processors, as a share of the call.
 
     python -m tckr_engine.bench.ceiling --preset tiny-fmnist --threads 2 \\
         --out docs/bench/cpu-ceiling-tiny-fmnist.json
@@ -166,7 +168,50 @@ def measure(
     return out
 
 
-def run(preset: str, *, threads: int, batch: int, rows: int, calls: int, repeats: int) -> dict[str, Any]:
+def profile_ops(gen: Generator, rows: int, calls: int = 5, top: int = 12) -> list[dict[str, Any]]:
+    """The `top` ops by self CPU time of one-thread UNet calls on `rows` rows (diffusers' processors):
+    op, input shapes, calls and ms per UNet call, share of all ops' self time."""
+    from torch.profiler import profile
+
+    from tckr_engine.engine.sampler import unet_fn
+
+    call = unet_fn(gen.unet.eval().requires_grad_(False))
+    x, t, context = _inputs(gen, rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            call(x, t, context)  # warm-up
+            with profile(record_shapes=True) as prof:
+                for _ in range(calls):
+                    call(x, t, context)
+    finally:
+        torch.set_num_threads(before)
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [
+        {
+            "op": e.key,
+            "input_shapes": str(e.input_shapes),
+            "calls_per_unet_call": e.count / calls,
+            "self_ms_per_unet_call": round(e.self_cpu_time_total / calls / 1e3, 3),
+            "share": round(e.self_cpu_time_total / total, 4),
+        }
+        for e in ranked
+    ]
+
+
+def run(
+    preset: str,
+    *,
+    threads: int,
+    batch: int,
+    rows: int,
+    calls: int,
+    repeats: int,
+    profile: bool = False,
+) -> dict[str, Any]:
     from tckr_engine.bench.flops import device_name
     from tckr_engine.bench.kernels import git_sha
     from tckr_engine.engine.spec import versions
@@ -175,7 +220,7 @@ def run(preset: str, *, threads: int, batch: int, rows: int, calls: int, repeats
     gen = build_preset(preset)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     modes = measure(gen, threads=threads, batch=batch, rows=rows, calls=calls, repeats=repeats)
-    return {
+    result = {
         "preset": preset,
         "threads": threads,
         "batch_rows": batch,
@@ -190,6 +235,9 @@ def run(preset: str, *, threads: int, batch: int, rows: int, calls: int, repeats
         "git_sha": git_sha(),
         "started": started,
     }
+    if profile:
+        result["profile_one_thread"] = profile_ops(gen, rows)
+    return result
 
 
 def main() -> None:
@@ -201,6 +249,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=4, help="batch-sized calls per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")
+    parser.add_argument("--profile", action="store_true", help="also profile one call's ops (one thread)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -211,6 +260,7 @@ def main() -> None:
         rows=args.rows,
         calls=args.calls,
         repeats=args.repeats,
+        profile=args.profile,
     )
     text = json.dumps(result, indent=2)
     if args.out:
@@ -220,6 +270,8 @@ def main() -> None:
     for mode in MODES:
         m = result["modes"][mode]
         log.info("%-16s %8.1f rows/s  (%.2fx intra-op)", mode, m["rows_per_s"], m["x_intra_op"])
+    for op in result.get("profile_one_thread", []):
+        log.info("%5.1f %%  %-48s %s", 100 * op["share"], op["op"][:48], op["input_shapes"][:60])
 
 
 if __name__ == "__main__":
