@@ -144,3 +144,19 @@ def test_compiled_unet_takes_the_engines_processor_in_one_graph(unet):
             got = [compiled(x, t, ctx).sample for _ in range(2)]
     assert all(torch.equal(g, expected) for g in got)
     assert calls.cross == 3 * calls.layers  # eager once, then the graph projects on every call
+
+
+@pytest.mark.gpu
+def test_gpu_cached_keys_give_diffusers_output_bit_for_bit():
+    """On CUDA in fp16 (the GPU bench's dtype) the cache reuses the projection's own tensors: bitwise."""
+    net = tiny_unet().to("cuda", torch.float16)
+    plain = tiny_unet().to("cuda", torch.float16)
+    plain.set_attn_processor(AttnProcessor2_0())
+    set_attention_backend(net, "sdpa")
+    x, t = latents().to("cuda", torch.float16), torch.tensor(500, device="cuda")
+    (ctx,) = (c.to("cuda", torch.float16) for c in contexts(1))
+    with torch.inference_mode():
+        expected = plain(x, t, ctx).sample
+        with cross_attention_kv_cache():
+            got = [net(x, t, ctx).sample for _ in range(3)]
+    assert all(torch.equal(g, expected) for g in got)
