@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from tckr_engine.bench.baseline import make_baseline, run_baseline
-from tckr_engine.bench.flops import PeakMemory
+from tckr_engine.bench.flops import PeakMemory, sync
 from tckr_engine.engine.spec import Resources
 from tckr_engine.errors import TckrError
 
@@ -64,11 +64,6 @@ class Budget:
 
     def skip_status(self) -> str:
         return f"skipped: the --time-budget of {self.seconds:g} s was spent before this row"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _digest(folder: Path, pattern: str) -> str:
@@ -134,12 +129,12 @@ def baseline_contender(
 def engine_contender(
     run: dict[str, Any], resources: Resources, backend: str, attention: str, writers: int
 ) -> Contender:
-    from tckr_engine.engine.backends import check_backend, cpu_slicing
+    from tckr_engine.engine.backends import GRAPH_BACKENDS, check_backend, cpu_slicing
     from tckr_engine.engine.engine import Engine
     from tckr_engine.engine.generate import generate_shards, prepare_folder
     from tckr_engine.kernels.processor import check_attention_backend
 
-    graph = backend in ("onnxruntime", "tensorrt")
+    graph = backend in GRAPH_BACKENDS
     c = Contender("engine", backend, "graph" if graph else attention)  # a graph holds its own attention
     spec = run["spec"]
     device = torch.device(spec["device"])

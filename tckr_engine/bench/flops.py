@@ -146,7 +146,8 @@ def generation_flops(generator: Generator, steps: int, cfg: bool) -> dict[str, A
     }
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -161,10 +162,10 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: in
         torch.mm(a, b)
         best = float("inf")
         for _ in range(repeats):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             torch.mm(a, b)
-            _sync(device)
+            sync(device)
             best = min(best, time.perf_counter() - t0)
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": round(2 * n**3 / best / TFLOP, 4)}
 

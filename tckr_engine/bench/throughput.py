@@ -63,6 +63,7 @@ from tckr_engine.engine.backends import (
     COMPILE_BACKEND_ENV,
     CPU_ROWS_ENV,
     CPU_SIDE_BY_SIDE_ENV,
+    GRAPH_BACKENDS,
     ORT_PROVIDER_ENV,
 )
 from tckr_engine.engine.scheduler import BatchScheduler
@@ -244,7 +245,7 @@ def _bench_batch(
         progress.status(f"b={b}: setting up the diffusers baseline")
         contenders.append(baseline_contender(run, resources, batches, device))
     for backend in cfg.backends:
-        graph = backend in ("onnxruntime", "tensorrt")
+        graph = backend in GRAPH_BACKENDS
         for attention in cfg.attention[:1] if graph else cfg.attention:
             what = f"{backend}" + ("" if graph else f"/{attention}")
             if budget.spent(f"b={b} {what}"):

@@ -193,15 +193,16 @@ class TensorRTDenoiser(_OnnxUNet):
 _CLASSES: dict[str, type[Denoiser]] = {
     c.name: c for c in (TorchDenoiser, CompiledDenoiser, OnnxRuntimeDenoiser, TensorRTDenoiser)
 }
-# Backends that run the PyTorch UNet (its attention processors matter); the others run an exported graph.
-TORCH_UNET_BACKENDS = (TorchDenoiser.name, CompiledDenoiser.name)
+# Backends that run an exported ONNX graph of the UNet (which holds its own attention); the others run the
+# PyTorch UNet, whose attention processors the engine sets.
+GRAPH_BACKENDS = (OnnxRuntimeDenoiser.name, TensorRTDenoiser.name)
 
 
 def check_backend(backend: str, device: str, dtype: str) -> None:
     """One-line TckrError when `backend` cannot run on (device, dtype) here; imports nothing heavy."""
     if backend not in _CLASSES:
         raise TckrError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend in ("onnxruntime", "tensorrt"):
+    if backend in GRAPH_BACKENDS:
         if dtype not in ("fp32", "fp16"):
             raise TckrError(f"backend {backend} runs fp32 or fp16 ONNX graphs; use --dtype fp32 or fp16")
         from tckr_engine.export.onnx_export import import_onnx

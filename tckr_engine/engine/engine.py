@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tckr_engine.engine.backends import TORCH_UNET_BACKENDS, Denoiser, ParallelSlices, make_denoiser
+from tckr_engine.engine.backends import GRAPH_BACKENDS, Denoiser, ParallelSlices, make_denoiser
 from tckr_engine.engine.sampler import denoise, initial_noise, make_scheduler
 from tckr_engine.engine.scheduler import Batch, BatchScheduler
 from tckr_engine.engine.spec import DTYPES, Resources
@@ -40,7 +40,7 @@ class Engine:
         self.scheduler = BatchScheduler(
             spec["num_images"], spec["shard_size"], spec["batch_size"], resources.prompts, spec["seed"]
         )
-        if spec["backend"] in TORCH_UNET_BACKENDS:  # graph backends export the UNet with its own attention
+        if spec["backend"] not in GRAPH_BACKENDS:  # a graph backend exports the UNet with its own attention
             self._set_attention(spec["attention"])
         self.denoiser = make_denoiser(spec, self.generator)  # torch | compile | onnxruntime | tensorrt
         self._uncond = self.embed([UNCOND_PROMPT]) if spec["guidance"] > 1.0 else None  # (1, L, D)
