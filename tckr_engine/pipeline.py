@@ -310,7 +310,7 @@ def _stage_train(
         name = spec["name"]
         scfg = student_config(cfg, spec)
         scfg = dataclasses.replace(scfg, teacher=str(teacher), images_per_round=spec["images"])
-        fp = fingerprint("train", scfg, fp_synth, fp_teacher)
+        fp = fingerprint("train", scfg.result_settings(), fp_synth, fp_teacher)
         key = f"train:{name}"
         path = out / name
         plan = stages.plan(key, fp)

@@ -1,5 +1,6 @@
 """GKD student trainer: loss by hand, streaming loader, regeneration rounds, label modes, resume, errors."""
 
+import dataclasses
 import io
 import json
 import math
@@ -121,6 +122,7 @@ def test_batch_targets_online_stored_and_hard(pool, teacher):
         (dict(teacher=None), "labels 'online' needs a teacher"),
         (dict(temperature=0), "temperature must be a positive number"),
         (dict(workers=-1), "workers must be a non-negative integer"),
+        (dict(loader="threads"), "loader must be one of processes, in-process"),
         (dict(regenerate="fresh"), "regenerate must be one of pool, engine"),
         (dict(images_per_round=0), "images_per_round must be a positive integer"),
         (dict(epochs=0), "epochs must be a positive integer"),
@@ -192,6 +194,24 @@ def test_shard_loader_yields_webdatasets_own_batches(pool, workers, buffer, logi
         assert a["keys"] == b["keys"] and a["urls"] == b["urls"]
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["cls"], b["cls"])
         assert not logits or torch.equal(a["logits"], b["logits"])
+
+
+@pytest.mark.parametrize("workers, shards", [(2, 6), (3, 5)])
+def test_streams_read_in_process_give_the_worker_processes_batches(pool, workers, shards):
+    # 3 streams of 5 shards hold 40, 40 and 20 samples: the third runs out first and the others go on.
+    urls = open_shard_folder(pool).urls[:shards]
+
+    def read(in_process):
+        torch.manual_seed(0)
+        batches = list(shard_loader(urls, 16, workers, 30, 7, logits=True, in_process=in_process))
+        return batches, torch.rand(4)  # the DataLoader draws a base seed from the global RNG either way
+
+    (ours, after), (ref, ref_after) = read(True), read(False)
+    assert len(ours) == len(ref) == epoch_batches([20] * shards, 16, workers)
+    for a, b in zip(ours, ref, strict=True):
+        assert a["keys"] == b["keys"] and a["urls"] == b["urls"]
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["logits"], b["logits"])
+    assert torch.equal(after, ref_after)
 
 
 def _tar(path, members, fmt=tarfile.USTAR_FORMAT):
@@ -405,8 +425,11 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interruption_ends_like_an_uninterrupted_run(pool, teacher, tmp_path):
-    cfg = student(teacher, epochs=2, workers=2)  # workers: the DataLoader worker path, resumed too
+    # Two shard streams read by DataLoader worker processes; the resumed run reads them in this process
+    # (`loader` moves the same batches, so it may change) and must still end bit for bit as the reference.
+    cfg = student(teacher, epochs=2, workers=2, loader="processes")
     ref = train_student(cfg, pool, tmp_path / "ref")
+    assert ref["shard_loader"] == "processes"
 
     def stop_in_epoch_2(done, total, loss, rate):
         if done > total // 2:
@@ -417,7 +440,8 @@ def test_resume_after_interruption_ends_like_an_uninterrupted_run(pool, teacher,
     assert not (tmp_path / "s/metrics.json").exists() and (tmp_path / "s/checkpoint.pt").is_file()
     with pytest.raises(TckrError, match=r"unfinished run with other settings \(changed: lr\)"):
         train_student(student(teacher, epochs=2, workers=2, lr=2e-3), pool, tmp_path / "s")
-    resumed = train_student(cfg, pool, tmp_path / "s")
+    resumed = train_student(dataclasses.replace(cfg, loader="in-process"), pool, tmp_path / "s")
+    assert resumed["shard_loader"] == "in-process"
     for key in ("val_accuracy", "test_accuracy", "best_epoch", "train_samples", "steps"):
         assert resumed[key] == ref[key]
     log = [json.loads(line)["epoch"] for line in (tmp_path / "s/train_log.jsonl").read_text().splitlines()]

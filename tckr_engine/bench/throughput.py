@@ -412,7 +412,7 @@ def _trainer_rows(
     for mode in ("memory", "stream"):
         m = t[mode]
         extra = (
-            f"; {t['workers']} DataLoader workers, shuffle buffer {t['shuffle_buffer']}; "
+            f"; {t['loader_note']}, shuffle buffer {t['shuffle_buffer']}; "
             f"the loader alone {t['loader']['samples_per_s']:.0f} samples/s"
             if mode == "stream"
             else ""

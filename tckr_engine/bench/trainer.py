@@ -3,8 +3,9 @@
 Both modes train the same freshly initialised student (same seed, architecture, batch size, AdamW, the
 trainer's shift/flip augmentation and soft-target loss with hard labels) for the same number of optimiser
 steps; only where the uint8 batches come from differs:
-- stream: `train.stream.shard_loader` over the shard tars with the trainer's default DataLoader workers
-  and shuffle buffer (PNG decoding in the workers, loader start-up included, as at every epoch);
+- stream: `train.stream.shard_loader` over the shard tars with the trainer's default streams (`workers`),
+  `loader` (DataLoader worker processes, or `--loader in-process`) and shuffle buffer (PNG decoding
+  included, loader start-up too, as at every epoch);
 - memory: the same images decoded once into one uint8 tensor, sliced into batches.
 The shard list is repeated so one loader pass covers every step (a long epoch, as in a real run).
 A third figure, `loader`, is the stream's batches drawn as fast as the loader yields them with no model:
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from tckr_engine.models.classifier import Classifier
 from tckr_engine.train.gkd import StudentConfig
 from tckr_engine.train.losses import gkd_loss
-from tckr_engine.train.stream import shard_loader
+from tckr_engine.train.stream import LOADERS, loader_note, shard_loader
 from tckr_engine.train.teacher import random_shift_flip
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,17 @@ def trainer_throughput(
     arch: str = "resnet-small",
     seed: int = 0,
     repeats: int = 1,
+    loader: str | None = None,
 ) -> dict[str, Any]:
     """Samples/sec of `steps` student steps streaming `urls` vs from the same images in memory, and of the
-    loader alone; medians of `repeats` interleaved rounds (min and max beside them)."""
+    loader alone; medians of `repeats` interleaved rounds (min and max beside them). `workers` and `loader`
+    default to the trainer's."""
     defaults = StudentConfig()
     workers = defaults.workers if workers is None else workers
+    loader = defaults.loader if loader is None else loader
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    in_process = loader == "in-process" or workers == 0
     images, labels = read_tar_images(urls)
     keys = sorted(images)
     if len(keys) < batch_size:
@@ -129,13 +136,20 @@ def trainer_throughput(
             return Classifier(arch, k, c, h, tuple(classes)).to(device)
 
     repeat = math.ceil((steps + 1) * batch_size / len(keys)) + max(1, workers)  # partial batches per worker
-    loader = shard_loader([str(u) for u in urls] * repeat, batch_size, workers, defaults.shuffle_buffer, seed)
+    stream = shard_loader(
+        [str(u) for u in urls] * repeat,
+        batch_size,
+        workers,
+        defaults.shuffle_buffer,
+        seed,
+        in_process=in_process,
+    )
     modes = {
         "memory": lambda: _train(
             _memory_batches(mem_images, mem_labels, batch_size), steps, fresh_model(), device, k, shift
         ),
-        "stream": lambda: _train(iter(loader), steps, fresh_model(), device, k, shift),
-        "loader": lambda: _drain(iter(loader), steps),
+        "stream": lambda: _train(iter(stream), steps, fresh_model(), device, k, shift),
+        "loader": lambda: _drain(iter(stream), steps),
     }
     # Warm-up (allocator, kernels) on a throwaway model, then the modes in turn, `repeats` rounds, so a
     # drift in the machine's speed hits every mode alike; each round trains a fresh identical model.
@@ -152,6 +166,8 @@ def trainer_throughput(
         "steps": steps,
         "repeats": repeats,
         "workers": min(workers, len(urls) * repeat),
+        "loader": "in-process" if in_process else "processes",
+        "loader_note": loader_note(min(workers, len(urls) * repeat), in_process),
         "shuffle_buffer": defaults.shuffle_buffer,
         "images": len(keys),
     }
@@ -240,9 +256,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16, help="optimiser steps per mode and repeat")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the three modes")
+    parser.add_argument("--workers", type=int, default=None, help="shard streams (default: the trainer's)")
     parser.add_argument(
-        "--workers", type=int, default=None, help="DataLoader workers (default: the trainer's)"
-    )
+        "--loader", choices=LOADERS, default=None,
+        help="where the streams are read: DataLoader worker processes or in-process (default: the trainer's)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="JSON file to write (default: log only)")
@@ -272,7 +290,7 @@ def main() -> None:
         folder = open_shard_folder(args.shards)
         result = trainer_throughput(
             folder.urls, folder.classes, device, args.batch_size, args.steps, args.workers, args.arch,
-            repeats=args.repeats,
+            repeats=args.repeats, loader=args.loader,
         )  # fmt: skip
         if args.costs:
             take = 1
@@ -295,7 +313,7 @@ def main() -> None:
             "%-7s %9.1f samples/s (%.1f-%.1f)",
             mode, m["samples_per_s"], m["samples_per_s_min"], m["samples_per_s_max"],
         )  # fmt: skip
-    log.info("stream / memory: %.1f %%", 100 * result["stream_vs_memory"])
+    log.info("stream / memory: %.1f %% (%s)", 100 * result["stream_vs_memory"], result["loader_note"])
     for name, value in result.get("costs", {}).items():
         log.info("%-18s %s", name, value)
 

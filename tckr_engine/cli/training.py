@@ -215,7 +215,17 @@ def train(
     dataset: Annotated[
         str | None, typer.Option(help="Real dataset for validation/test (default: the shards').")
     ] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader workers decoding shards.")] = 2,
+    workers: Annotated[
+        int, typer.Option(help="Shard streams decoded in parallel; their number fixes the batch order.")
+    ] = 2,
+    loader: Annotated[
+        str,
+        typer.Option(
+            help="processes | in-process: read the streams in DataLoader worker processes or in the "
+            "training process (the same batches); in-process can be faster on a CPU whose cores the "
+            "training threads fill, with a model heavy enough that decoding is a small part of a step."
+        ),
+    ] = "processes",
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -254,6 +264,7 @@ def train(
         regenerate_every=regenerate_every,
         images_per_round=images_per_round,
         workers=workers,
+        loader=loader,
         seed=seed,
         threads=threads,
         device=device,

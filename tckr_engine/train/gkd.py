@@ -22,7 +22,8 @@ the end to score the selected weights. Output folder: `model.safetensors` + `cla
 Resume guarantee: every source of randomness is seeded per epoch from (seed, epoch) - data order, the
 augmentation generator - or restored from the checkpoint (model, optimiser, schedule, torch's global RNG),
 so on the same machine, device, thread count and `workers` a resumed run produces the same weights and
-metrics as an uninterrupted one (bit-identical on CPU; GPU kernels may be non-deterministic).
+metrics as an uninterrupted one (bit-identical on CPU; GPU kernels may be non-deterministic). `loader` (where
+the shard streams are read) changes the speed only: the batches are the same either way.
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ from tckr_engine.models.classifier import (
 from tckr_engine.synth.bss import BSSConfig, bss_schedule
 from tckr_engine.train.losses import BSSBatch, batch_loss, batch_targets
 from tckr_engine.train.stream import (
+    LOADERS,
     REGEN_DIR,
     Round,
     ShardFolder,
     ensure_round,
     epoch_batches,
     iterate_batches,
+    loader_note,
     open_shard_folder,
     plan_rounds,
     round_of_epoch,
@@ -104,7 +107,9 @@ class StudentConfig:
     shift: int | None = None  # max random shift in px; None: H // 10 clamped to 1..4 (as the teacher)
     hflip: bool | None = None  # random horizontal flips; None: on, except for 'digits' (not mirror-safe)
     width: int | None = None  # base width of small-cnn / resnet-small; None: the architecture's default
-    workers: int = 2  # DataLoader workers decoding shards; 0: in the training process
+    workers: int = 2  # shard streams decoded in parallel (their number fixes the batch order); 0, 1: one
+    loader: str = "processes"  # processes (DataLoader workers) | in-process: where the streams are read;
+    # the same batches either way (in-process can be faster when the training threads fill every core)
     shuffle_buffer: int = 2000  # samples in webdataset's shuffle buffer; 0: no shuffling (index order)
     seed: int = 0  # weight init, data order and augmentation
     threads: int | None = None  # torch CPU threads; None: torch's default
@@ -126,6 +131,8 @@ class StudentConfig:
             raise TckrError(f"labels must be one of {', '.join(LABELS)}, got {self.labels!r}")
         if self.labels == "online" and not self.teacher:
             raise TckrError("labels 'online' needs a teacher classifier folder (--teacher)")
+        if self.loader not in LOADERS:
+            raise TckrError(f"loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.regenerate not in REGENERATE:
             raise TckrError(f"regenerate must be one of {', '.join(REGENERATE)}, got {self.regenerate!r}")
         t = self.temperature
@@ -148,6 +155,11 @@ class StudentConfig:
         self.bss_config()
         return self
 
+    def result_settings(self) -> dict[str, Any]:
+        """The fields that decide the trained weights (all but `loader`, which moves the same batches faster
+        or slower): what a resume must share with the interrupted run, and the pipeline's fingerprint."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "loader"}
+
     def bss_config(self) -> BSSConfig:
         """The BSSConfig of the bss_* fields (validated; reference values for everything else)."""
         return BSSConfig(
@@ -169,7 +181,7 @@ def _lr_lambda(total_steps: int) -> Callable[[int], float]:
 
 def _identity(cfg: StudentConfig, pool: ShardFolder) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one."""
-    return {"config": dataclasses.asdict(cfg), "shards": str(pool.path)}
+    return {"config": cfg.result_settings(), "shards": str(pool.path)}
 
 
 def _prepare_out(out: Path, overwrite: bool, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -307,6 +319,7 @@ def _fit(
     ckpt: dict[str, Any] | None,
     aug_spec: tuple[int, bool],
     progress: Progress | None,
+    in_process: bool,
 ) -> dict[str, Any]:
     """The epoch loop (resumed from `ckpt` when given); returns the run state (best epoch, curves, speed)."""
     every, (shift, hflip), shape = cfg.regenerate_every, aug_spec, tuple(val.images.shape[1:])
@@ -347,8 +360,9 @@ def _fit(
         ensure_round(rnd, pool)
         eseed = sample_seed(cfg.seed, epoch)  # data order and augmentation of this epoch: resume-stable
         loader = shard_loader(
-            rnd.urls, cfg.batch_size, cfg.workers, cfg.shuffle_buffer, eseed, logits=cfg.labels == "stored"
-        )
+            rnd.urls, cfg.batch_size, cfg.workers, cfg.shuffle_buffer, eseed,
+            logits=cfg.labels == "stored", in_process=in_process,
+        )  # fmt: skip
         aug = torch.Generator().manual_seed(eseed)
         bss = None
         if cfg.bss:  # the reference's per-epoch schedule, epochs counted from 1
@@ -453,6 +467,7 @@ def train_student(
     device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    in_process = cfg.loader == "in-process" or cfg.workers == 0
     online = cfg.labels == "online" or cfg.bss
     teacher = _load_teacher(cfg, full.classes, (h, w, c), device) if online else None
     ckpt = _prepare_out(out, overwrite, _identity(cfg, pool))
@@ -471,10 +486,11 @@ def train_student(
             )
         log.info(
             "student %s (%d parameters): %s labels, %d round(s) of %d shard images from %s, "
-            "%d val images of %s, shift %d px, flip %s", cfg.arch, count_parameters(model), cfg.labels,
+            "%d val images of %s, shift %d px, flip %s; %s", cfg.arch, count_parameters(model), cfg.labels,
             len(plan), plan[0].images, pool.path, len(val), dataset, shift, hflip,
+            loader_note(cfg.workers, in_process),
         )  # fmt: skip
-        state = _fit(cfg, model, teacher, pool, plan, val, out, ckpt, (shift, hflip), progress)
+        state = _fit(cfg, model, teacher, pool, plan, val, out, ckpt, (shift, hflip), progress, in_process)
 
     # Selection is over. The test split is read for the first time here, to score the saved best weights.
     best = load_classifier(out, unfinished=True).to(device)  # metrics.json comes after
@@ -511,6 +527,7 @@ def train_student(
         },
         "seconds": round(time.perf_counter() - t0, 1),
         "torch_threads": torch.get_num_threads(),
+        "shard_loader": "in-process" if in_process else "processes",
         "augmentation": {"shift": shift, "hflip": hflip},
         "config": dataclasses.asdict(cfg),
     }

@@ -8,7 +8,8 @@
 - `shard_loader(...)`: webdataset's pipeline (node and worker splitting, seeded shard and sample shuffles)
   with the engine's own USTAR reader for its shards (same samples as webdataset's tarfile-based reader,
   ~4x less work), PNG/JPEG/WebP decoded to uint8, batched in the worker, served by a
-  `torch.utils.data.DataLoader`.
+  `torch.utils.data.DataLoader`; its `workers` shard streams are read by worker processes or, with the same
+  batches in the same order, in the training process.
 - `epoch_batches(...)`: exactly how many batches that loader yields, for the cosine schedule and progress.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import logging
 import math
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from tckr_engine.config import GenerateConfig
 from tckr_engine.engine.generate import read_run, shard_count
@@ -37,6 +39,7 @@ from tckr_engine.errors import TckrError
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "webp")
+LOADERS = ("processes", "in-process")  # where shard_loader's streams are read (the same batches)
 REGEN_DIR = "regen"  # engine rounds are generated into OUT/regen/round-XXX/
 
 
@@ -420,6 +423,7 @@ def shard_loader(
     seed: int = 0,
     *,
     logits: bool = False,
+    in_process: bool = False,
 ) -> DataLoader:
     """A DataLoader over WebDataset shards yielding batch dicts (see `_collate`); one pass = one epoch.
 
@@ -429,10 +433,17 @@ def shard_loader(
     opener, `_tar_samples`, a `shuffle_buffer`-sample shuffle (both shuffles seeded with `seed`; 0 = neither:
     index order), decode, batches of `batch_size` formed in the worker (each worker's last batch may be
     partial). The batches equal those of `wds.WebDataset(urls, shardshuffle=..., seed=seed)` with the same
-    stages (`tests/test_gkd.py`). `workers` is capped at the number of shards (an extra worker would have
-    nothing to read); 0 reads in this process. Pass a different `seed` per epoch for a different order;
+    stages (`tests/test_gkd.py`). `workers` streams, capped at the number of shards (an extra one would have
+    nothing to read); 0 and 1 are one stream. Pass a different `seed` per epoch for a different order;
     equal arguments give equal batches. `logits` also decodes the stored teacher logits (`logits.npy`; a
     sample without them is a TckrError).
+
+    The streams are read by `workers` DataLoader worker processes, or with `in_process` (and always for
+    `workers` 0) in this process, one batch from each stream in turn: the DataLoader's own order (it takes
+    its workers' batches round-robin and drops a worker once it is exhausted), so the batches, their order
+    and the draw the DataLoader makes from torch's global RNG are the same either way (`tests/test_gkd.py`).
+    Worker processes decode beside the training, on cores it leaves idle; when its threads keep every core
+    busy the workers take turns with them, and reading here can be faster (docs/bench/README.md).
     """
     import webdataset as wds
     from webdataset.cache import StreamingOpen
@@ -442,16 +453,53 @@ def shard_loader(
         raise TckrError("no shards to read")
     shuffle = shuffle_buffer > 0
     keep = frozenset((*IMAGE_KEYS, "cls", *(("logits.npy",) if logits else ())))
-    stages: list[Any] = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.shuffle(len(urls) if shuffle else 0, seed=seed))  # as wds.WebDataset's shardshuffle
-    stages += [StreamingOpen(), functools.partial(_tar_samples, keep=keep)]
-    if shuffle:
-        stages.append(wds.shuffle(shuffle_buffer, seed=seed))
-    stages += [
-        wds.map(functools.partial(_decode, logits=logits)),
-        wds.batched(batch_size, collation_fn=_collate, partial=True),
-    ]
-    return DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=min(workers, len(urls)))
+    streams = max(1, min(workers, len(urls)))
+
+    def pipeline(split_by_worker: Any) -> Any:
+        stages: list[Any] = [wds.SimpleShardList(urls), wds.split_by_node, split_by_worker]
+        stages.append(wds.shuffle(len(urls) if shuffle else 0, seed=seed))  # as wds.WebDataset's shardshuffle
+        stages += [StreamingOpen(), functools.partial(_tar_samples, keep=keep)]
+        if shuffle:
+            stages.append(wds.shuffle(shuffle_buffer, seed=seed))
+        stages += [
+            wds.map(functools.partial(_decode, logits=logits)),
+            wds.batched(batch_size, collation_fn=_collate, partial=True),
+        ]
+        return wds.DataPipeline(*stages)
+
+    if workers and not in_process:
+        return DataLoader(pipeline(wds.split_by_worker), batch_size=None, num_workers=streams)
+    # wds.split_by_worker in worker i of n > 1 keeps the shards i, i + n, ...; in one process it keeps all.
+    split = [functools.partial(_every_nth, i, streams) for i in range(streams)]
+    return DataLoader(_RoundRobin([pipeline(s) for s in split]), batch_size=None, num_workers=0)
+
+
+def _every_nth(first: int, step: int, src: Iterator[Any]) -> Iterator[Any]:
+    yield from itertools.islice(src, first, None, step)
+
+
+class _RoundRobin(IterableDataset):
+    """Batches of several pipelines in turn, one from each, skipping a pipeline once it is exhausted."""
+
+    def __init__(self, pipelines: Sequence[Any]) -> None:
+        self.pipelines = list(pipelines)
+
+    def __iter__(self) -> Iterator[Any]:
+        live = [iter(p) for p in self.pipelines]
+        while live:
+            for it in list(live):
+                try:
+                    yield next(it)
+                except StopIteration:
+                    live.remove(it)
+
+
+def loader_note(workers: int, in_process: bool) -> str:
+    """How `shard_loader` reads its streams, for logs and bench notes (before the cap at the shard count)."""
+    streams = max(1, workers)
+    if in_process or workers == 0:
+        return f"{streams} shard stream{'s' * (streams > 1)} read in the training process"
+    return f"{streams} DataLoader worker{'s' * (streams > 1)} reading the shards"
 
 
 def epoch_batches(
