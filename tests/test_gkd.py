@@ -27,6 +27,8 @@ from tckr_engine.train.losses import BSSBatch, batch_loss, batch_targets, gkd_lo
 from tckr_engine.train.stream import (
     ensure_round,
     epoch_batches,
+    iterate_batches,
+    loader_in_process,
     open_shard_folder,
     plan_rounds,
     shard_loader,
@@ -122,7 +124,7 @@ def test_batch_targets_online_stored_and_hard(pool, teacher):
         (dict(teacher=None), "labels 'online' needs a teacher"),
         (dict(temperature=0), "temperature must be a positive number"),
         (dict(workers=-1), "workers must be a non-negative integer"),
-        (dict(loader="threads"), "loader must be one of processes, in-process"),
+        (dict(loader="threads"), "loader must be one of auto, processes, in-process"),
         (dict(regenerate="fresh"), "regenerate must be one of pool, engine"),
         (dict(images_per_round=0), "images_per_round must be a positive integer"),
         (dict(epochs=0), "epochs must be a positive integer"),
@@ -212,6 +214,28 @@ def test_streams_read_in_process_give_the_worker_processes_batches(pool, workers
         assert a["keys"] == b["keys"] and a["urls"] == b["urls"]
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["logits"], b["logits"])
     assert torch.equal(after, ref_after)
+
+
+@pytest.mark.parametrize(
+    "loader, device, workers, threads, cores, expected",
+    [
+        ("auto", "cpu", 2, 2, 2, True),  # worker processes would take turns with the training threads
+        ("auto", "cpu", 2, 1, 2, True),
+        ("auto", "cpu", 2, 2, 4, False),  # a spare core per stream
+        ("auto", "cpu", 0, 1, 8, True),  # workers 0: always here
+        ("auto", "cuda", 2, 2, 2, False),  # the GPU trains, the cores decode
+        ("processes", "cpu", 2, 2, 2, False),
+        ("in-process", "cuda", 2, 2, 16, True),
+        ("processes", "cuda", 0, 2, 16, True),
+    ],
+)
+def test_loader_auto_reads_in_process_when_cpu_training_leaves_no_core_spare(
+    monkeypatch, loader, device, workers, threads, cores, expected
+):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert loader_in_process(loader, device, workers, threads) is expected
+    with pytest.raises(TckrError, match="loader must be one of"):
+        loader_in_process("thread", device, workers, threads)
 
 
 def _tar(path, members, fmt=tarfile.USTAR_FORMAT):
@@ -468,6 +492,22 @@ def test_class_name_mismatch_is_refused(pool, teacher, tmp_path):
     with pytest.raises(TckrError, match="differ from the real dataset's") as e:
         train_student(student(teacher), bad, tmp_path / "s")
     assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_shard_that_breaks_while_streaming_is_one_line_either_way(pool, tmp_path, in_process):
+    # A tar that changed after the folder check (open_shard_folder compares sha256s): one image garbled.
+    bad = tmp_path / "000000.tar"
+    shutil.copy(open_shard_folder(pool).urls[0], bad)
+    with tarfile.open(bad) as tar:
+        png = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+    with bad.open("r+b") as f:
+        f.seek(png.offset_data)
+        f.write(b"x" * png.size)
+    loader = shard_loader([bad], 8, workers=1, in_process=in_process)  # 1 DataLoader worker, or none
+    with pytest.raises(TckrError, match=r"cannot read the shards of FOLDER: .*cannot identify image") as e:
+        list(iterate_batches(loader, "FOLDER"))
+    assert "\n" not in str(e.value) and "tckr-engine verify FOLDER" in str(e.value)
 
 
 def test_missing_unfinished_or_corrupt_shard_folder_is_refused(pool, teacher, tmp_path):

@@ -4,8 +4,8 @@ Both modes train the same freshly initialised student (same seed, architecture, 
 trainer's shift/flip augmentation and soft-target loss with hard labels) for the same number of optimiser
 steps; only where the uint8 batches come from differs:
 - stream: `train.stream.shard_loader` over the shard tars with the trainer's default streams (`workers`),
-  `loader` (DataLoader worker processes, or `--loader in-process`) and shuffle buffer (PNG decoding
-  included, loader start-up too, as at every epoch);
+  `loader` ("auto": DataLoader worker processes, or in the training process when CPU training leaves no
+  core spare) and shuffle buffer (PNG decoding included, loader start-up too, as at every epoch);
 - memory: the same images decoded once into one uint8 tensor, sliced into batches.
 The shard list is repeated so one loader pass covers every step (a long epoch, as in a real run).
 A third figure, `loader`, is the stream's batches drawn as fast as the loader yields them with no model:
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tckr_engine.models.classifier import Classifier
 from tckr_engine.train.gkd import StudentConfig
 from tckr_engine.train.losses import gkd_loss
-from tckr_engine.train.stream import LOADERS, loader_note, shard_loader
+from tckr_engine.train.stream import loader_in_process, loader_note, shard_loader
 from tckr_engine.train.teacher import random_shift_flip
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,7 @@ def trainer_throughput(
     default to the trainer's."""
     defaults = StudentConfig()
     workers = defaults.workers if workers is None else workers
-    loader = defaults.loader if loader is None else loader
-    if loader not in LOADERS:
-        raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
-    in_process = loader == "in-process" or workers == 0
+    in_process = loader_in_process(loader or defaults.loader, device, workers, torch.get_num_threads())
     images, labels = read_tar_images(urls)
     keys = sorted(images)
     if len(keys) < batch_size:
@@ -248,7 +245,7 @@ def main() -> None:
     from tckr_engine.config import check_training_device
     from tckr_engine.engine.spec import versions
     from tckr_engine.errors import TckrError
-    from tckr_engine.train.stream import open_shard_folder
+    from tckr_engine.train.stream import LOADERS, open_shard_folder
 
     parser = argparse.ArgumentParser(description="Student samples/sec streaming shards vs in memory.")
     parser.add_argument("--shards", required=True, help="a shard folder written by 'tckr-engine generate'")

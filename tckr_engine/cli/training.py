@@ -221,11 +221,11 @@ def train(
     loader: Annotated[
         str,
         typer.Option(
-            help="processes | in-process: read the streams in DataLoader worker processes or in the "
-            "training process (the same batches); in-process can be faster on a CPU whose cores the "
-            "training threads fill, with a model heavy enough that decoding is a small part of a step."
+            help="auto | processes | in-process: read the streams in DataLoader worker processes or in the "
+            "training process (the same batches); auto: in-process when training on the CPU leaves no "
+            "core per stream spare."
         ),
-    ] = "processes",
+    ] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",

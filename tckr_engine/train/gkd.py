@@ -65,6 +65,7 @@ from tckr_engine.train.stream import (
     ensure_round,
     epoch_batches,
     iterate_batches,
+    loader_in_process,
     loader_note,
     open_shard_folder,
     plan_rounds,
@@ -108,8 +109,8 @@ class StudentConfig:
     hflip: bool | None = None  # random horizontal flips; None: on, except for 'digits' (not mirror-safe)
     width: int | None = None  # base width of small-cnn / resnet-small; None: the architecture's default
     workers: int = 2  # shard streams decoded in parallel (their number fixes the batch order); 0, 1: one
-    loader: str = "processes"  # processes (DataLoader workers) | in-process: where the streams are read;
-    # the same batches either way (in-process can be faster when the training threads fill every core)
+    loader: str = "auto"  # auto | processes (DataLoader workers) | in-process: where the streams are read;
+    # the same batches either way; auto: in-process when CPU training leaves no core per stream spare
     shuffle_buffer: int = 2000  # samples in webdataset's shuffle buffer; 0: no shuffling (index order)
     seed: int = 0  # weight init, data order and augmentation
     threads: int | None = None  # torch CPU threads; None: torch's default
@@ -467,7 +468,7 @@ def train_student(
     device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    in_process = cfg.loader == "in-process" or cfg.workers == 0
+    in_process = loader_in_process(cfg.loader, device, cfg.workers, torch.get_num_threads())
     online = cfg.labels == "online" or cfg.bss
     teacher = _load_teacher(cfg, full.classes, (h, w, c), device) if online else None
     ckpt = _prepare_out(out, overwrite, _identity(cfg, pool))

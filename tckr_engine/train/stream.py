@@ -9,7 +9,7 @@
   with the engine's own USTAR reader for its shards (same samples as webdataset's tarfile-based reader,
   ~4x less work), PNG/JPEG/WebP decoded to uint8, batched in the worker, served by a
   `torch.utils.data.DataLoader`; its `workers` shard streams are read by worker processes or, with the same
-  batches in the same order, in the training process.
+  batches in the same order, in the training process (`loader_in_process` decides for the trainer's "auto").
 - `epoch_batches(...)`: exactly how many batches that loader yields, for the cosine schedule and progress.
 """
 
@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -39,7 +40,7 @@ from tckr_engine.errors import TckrError
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "webp")
-LOADERS = ("processes", "in-process")  # where shard_loader's streams are read (the same batches)
+LOADERS = ("auto", "processes", "in-process")  # where shard_loader's streams are read (the same batches)
 REGEN_DIR = "regen"  # engine rounds are generated into OUT/regen/round-XXX/
 
 
@@ -443,7 +444,7 @@ def shard_loader(
     its workers' batches round-robin and drops a worker once it is exhausted), so the batches, their order
     and the draw the DataLoader makes from torch's global RNG are the same either way (`tests/test_gkd.py`).
     Worker processes decode beside the training, on cores it leaves idle; when its threads keep every core
-    busy the workers take turns with them, and reading here can be faster (docs/bench/README.md).
+    busy the workers take turns with them, and reading here is faster (`loader_in_process`).
     """
     import webdataset as wds
     from webdataset.cache import StreamingOpen
@@ -492,6 +493,22 @@ class _RoundRobin(IterableDataset):
                     yield next(it)
                 except StopIteration:
                     live.remove(it)
+
+
+def loader_in_process(loader: str, device: str | torch.device, workers: int, threads: int) -> bool:
+    """Whether the trainer reads its shard streams in the training process, for its `loader` setting:
+    "processes" and "in-process" as named (workers 0: always in-process); "auto": in-process when the
+    training runs on the CPU with `threads` threads and the cores left over cannot give each stream's worker
+    one of its own, else DataLoader worker processes. On a 2-core CPU with 2 threads, in-process was as fast
+    or faster in every end-to-end pair measured (up to +21 %, docs/bench/README.md)."""
+    if loader not in LOADERS:
+        raise TckrError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    if workers == 0 or loader != "auto":
+        return workers == 0 or loader == "in-process"
+    if torch.device(device).type != "cpu":
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores - threads < workers
 
 
 def loader_note(workers: int, in_process: bool) -> str:
