@@ -14,6 +14,7 @@ from tckr_engine.bench.flops import PeakMemory, device_peak, generation_flops, u
 from tckr_engine.bench.throughput import BenchConfig, format_table, run_bench
 from tckr_engine.errors import TckrError
 from tckr_engine.models.generator import build_preset
+from tckr_engine.train.stream import loader_in_process
 
 
 @pytest.fixture(autouse=True)
@@ -384,6 +385,8 @@ def test_trainer_bench_command_on_a_shard_folder(tiny_run, tmp_path):
     result = json.loads(out.read_text())
     assert result["steps"] == 3 and result["arch"] == "small-cnn" and result["threads"] == 1
     assert result["repeats"] == 2 and result["memory"]["samples"] == result["stream"]["samples"] == 24
+    mode = "in-process" if loader_in_process("auto", "cpu", 1, 1) else "processes"  # the trainer's default
+    assert result["loader_mode"] == mode and result["loader_note"].startswith("1 ")
     for mode in ("memory", "stream", "loader"):
         m = result[mode]
         assert m["samples"] == 24 and m["samples_per_s_min"] <= m["samples_per_s"] <= m["samples_per_s_max"]

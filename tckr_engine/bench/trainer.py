@@ -163,7 +163,7 @@ def trainer_throughput(
         "steps": steps,
         "repeats": repeats,
         "workers": min(workers, len(urls) * repeat),
-        "loader": "in-process" if in_process else "processes",
+        "loader_mode": "in-process" if in_process else "processes",  # "loader" is the loader-alone figure
         "loader_note": loader_note(min(workers, len(urls) * repeat), in_process),
         "shuffle_buffer": defaults.shuffle_buffer,
         "images": len(keys),
