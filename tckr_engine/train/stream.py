@@ -499,8 +499,8 @@ def loader_in_process(loader: str, device: str | torch.device, workers: int, thr
     """Whether the trainer reads its shard streams in the training process, for its `loader` setting:
     "processes" and "in-process" as named (workers 0: always in-process); "auto": in-process when the
     training runs on the CPU with `threads` threads and the cores left over cannot give each stream's worker
-    one of its own, else DataLoader worker processes. On a 2-core CPU with 2 threads, in-process was as fast
-    or faster in every end-to-end pair measured (up to +21 %, docs/bench/README.md)."""
+    one of its own, else DataLoader worker processes. On a 2-core CPU with 2 threads, in-process was faster
+    in 7 of 8 whole-run pairs (up to +30 %; the eighth -3 %, within noise; docs/bench/README.md)."""
     if loader not in LOADERS:
         raise TckrError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
     if workers == 0 or loader != "auto":
