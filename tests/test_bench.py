@@ -137,24 +137,28 @@ def test_flop_count_matches_the_real_model():
 def test_cpu_slicing_is_a_function_of_device_backend_and_threads(monkeypatch):
     from tckr_engine.engine.backends import CPU_ROWS_ENV, CPU_SIDE_BY_SIDE_ENV, cpu_slicing
 
-    assert cpu_slicing("cpu", "torch", 1) == {"rows": 32, "workers": 1}
-    assert cpu_slicing("cpu", "torch", 2) == {"rows": 32, "workers": 2}  # side by side, a thread each
-    assert cpu_slicing("cpu", "onnxruntime", 2) == {"rows": 32, "workers": 2}
-    assert cpu_slicing("cpu", "compile", 2) == {"rows": 64, "workers": 1}  # one slice on both threads
-    assert cpu_slicing("cuda", "torch", 2) is None and cpu_slicing("cpu", "tensorrt", 2) is None
+    def slicing(device, backend, threads, unet_params=1_150_000):  # tiny-fmnist's UNet
+        return cpu_slicing(device, backend, threads, unet_params=unet_params)
+
+    assert slicing("cpu", "torch", 1) == {"rows": 32, "workers": 1}
+    assert slicing("cpu", "torch", 2) == {"rows": 32, "workers": 2}  # side by side, a thread each
+    assert slicing("cpu", "onnxruntime", 2) == {"rows": 32, "workers": 2}
+    assert slicing("cpu", "compile", 2) == {"rows": 64, "workers": 1}  # one slice on both threads
+    assert slicing("cpu", "torch", 2, unet_params=860_000_000) == {"rows": 64, "workers": 1}  # SD-size
+    assert slicing("cuda", "torch", 2) is None and slicing("cpu", "tensorrt", 2) is None
     monkeypatch.setenv(CPU_SIDE_BY_SIDE_ENV, "0")  # the A/B switch: one slice after another for every backend
-    assert cpu_slicing("cpu", "onnxruntime", 2) == {"rows": 64, "workers": 1}
+    assert slicing("cpu", "onnxruntime", 2) == {"rows": 64, "workers": 1}
     monkeypatch.setenv(CPU_SIDE_BY_SIDE_ENV, "yes")
     with pytest.raises(TckrError, match=CPU_SIDE_BY_SIDE_ENV):
-        cpu_slicing("cpu", "torch", 2)
+        slicing("cpu", "torch", 2)
     monkeypatch.delenv(CPU_SIDE_BY_SIDE_ENV)
     monkeypatch.setenv(CPU_ROWS_ENV, "0")  # the profiling switch: off
-    assert cpu_slicing("cpu", "torch", 2) is None
+    assert slicing("cpu", "torch", 2) is None
     monkeypatch.setenv(CPU_ROWS_ENV, "8")
-    assert cpu_slicing("cpu", "compile", 2) == {"rows": 16, "workers": 1}
+    assert slicing("cpu", "compile", 2) == {"rows": 16, "workers": 1}
     monkeypatch.setenv(CPU_ROWS_ENV, "many")
     with pytest.raises(TckrError, match=CPU_ROWS_ENV):
-        cpu_slicing("cpu", "torch", 1)
+        slicing("cpu", "torch", 1)
 
 
 def test_cpu_slices_keep_the_images():

@@ -145,7 +145,9 @@ def engine_contender(
             if attention != "sdpa" and device.type != "cuda":
                 raise TckrError(f"attention {attention} needs a CUDA GPU (on the CPU it would run SDPA)")
         # The backend's own CPU slicing, as `generate --backend` resolves it (the shared spec has torch's).
-        slicing = cpu_slicing(spec["device"], backend, spec["threads"])
+        slicing = cpu_slicing(
+            spec["device"], backend, spec["threads"], unet_params=resources.generator.unet_params
+        )
         row_spec = {
             **spec,
             "backend": backend,

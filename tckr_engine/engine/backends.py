@@ -232,6 +232,11 @@ CPU_ROWS_PER_THREAD = 32
 # and caches are not made for one compiled function called from several threads at once (concurrent calls
 # recompiled it until its recompile limit).
 PARALLEL_SLICE_BACKENDS = ("torch", "onnxruntime")
+# ... and only for UNets this small (the pixel presets have 1-10 M parameters). An SD-size UNet's layers are
+# wide enough for intra-op threads: sd15-arch (860 M) at 64 px, 2 steps, eager on 2 cores ran at 0.80x and
+# 0.69x of diffusers side by side, 1.15x and 1.14x as one slice on both threads, and side by side also moved
+# 0.004 % of its pixels by one grey level (one-thread kernels sum in another order; docs/bench/README.md).
+SIDE_BY_SIDE_MAX_UNET_PARAMS = 100_000_000
 
 
 class MicroBatched(Denoiser):
@@ -307,12 +312,12 @@ CPU_ROWS_ENV = "TCKR_CPU_ROWS_PER_THREAD"
 CPU_SIDE_BY_SIDE_ENV = "TCKR_CPU_SIDE_BY_SIDE"
 
 
-def cpu_slicing(device: str, backend: str, threads: int) -> dict[str, int] | None:
+def cpu_slicing(device: str, backend: str, threads: int, *, unet_params: int) -> dict[str, int] | None:
     """How the CPU runs the UNet over a batch: slices of `rows` rows, `workers` of them at a time (each on
     one thread when workers > 1, else all `threads` on one slice). None: one call per batch, as on GPUs.
 
-    A pure function of the spec (device, backend, threads), CPU_ROWS_ENV and CPU_SIDE_BY_SIDE_ENV; resolve()
-    stores it in the spec.
+    A pure function of the spec (device, backend, threads, the generator's UNet size), CPU_ROWS_ENV and
+    CPU_SIDE_BY_SIDE_ENV; resolve() stores it in the spec.
     """
     if torch.device(device).type != "cpu" or backend == "tensorrt":
         return None
@@ -327,7 +332,8 @@ def cpu_slicing(device: str, backend: str, threads: int) -> dict[str, int] | Non
     side_by_side = os.environ.get(CPU_SIDE_BY_SIDE_ENV, "1").strip()
     if side_by_side not in ("0", "1"):
         raise TckrError(f"{CPU_SIDE_BY_SIDE_ENV} must be 0 or 1, got {side_by_side!r}")
-    if backend in PARALLEL_SLICE_BACKENDS and threads > 1 and side_by_side == "1":
+    small = unet_params <= SIDE_BY_SIDE_MAX_UNET_PARAMS
+    if backend in PARALLEL_SLICE_BACKENDS and threads > 1 and side_by_side == "1" and small:
         return {"rows": rows, "workers": threads}
     return {"rows": rows * threads, "workers": 1}
 

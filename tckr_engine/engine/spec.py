@@ -161,7 +161,7 @@ def resolve(cfg: GenerateConfig, previous: dict[str, Any] | None = None) -> tupl
         "threads": threads,
         # How the CPU runs the UNet over a batch (row slices, one after another or side by side): compile's
         # and onnxruntime's bytes can depend on the slice shape, so a folder keeps the slicing it began with.
-        "cpu_slicing": cpu_slicing(device, cfg.backend, threads),
+        "cpu_slicing": cpu_slicing(device, cfg.backend, threads, unet_params=generator.unet_params),
         "image_size": cfg.image_size,
         "teacher": teacher_spec,
     }

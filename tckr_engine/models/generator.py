@@ -190,6 +190,10 @@ class Generator:
         self.dtype = torch.float32
 
     @property
+    def unet_params(self) -> int:
+        return sum(p.numel() for p in self.unet.parameters())
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of what the UNet denoises."""
         cfg = self.unet.config
