@@ -130,9 +130,9 @@ def generation_flops(generator: Generator, steps: int, cfg: bool) -> dict[str, A
     """FLOPs per generated image: steps x UNet rows per image (2 with classifier-free guidance) + decode."""
     per_call = unet_flops(generator, 1)
     decode = decode_flops(generator)
-    calls = steps * (2 if cfg else 1)
-    total = calls * sum(per_call.values()) + sum(decode.values())
     rows_per_step = 2 if cfg else 1
+    calls = steps * rows_per_step
+    total = calls * sum(per_call.values()) + sum(decode.values())
     return {
         "flops_per_image": int(total),
         "unet_flops_per_row": int(sum(per_call.values())),
