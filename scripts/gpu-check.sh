@@ -2,7 +2,8 @@
 # Everything a lent GPU machine should measure, in one call of under 10 minutes:
 #   run(command="bash scripts/gpu-check.sh", carry=[".whl"], timeout_s=600)   (after scripts/fetch-gpu-wheels.sh)
 # Installs the carried wheels, then, most valuable first: `tckr-engine bench` on sd15-arch (the issue-8
-# figures), the attention-kernel benchmark, the GPU tests. Each step gets a share of one deadline
+# figures, and with --profile where each row's GPU time goes, by kind of kernel), the attention-kernel
+# benchmark, the GPU tests. Each step gets a share of one deadline
 # ($GPU_CHECK_SECONDS, default 560 s of the device tool's 600 s per call), and the bench has a --time-budget
 # inside its timeout, so it writes its results rather than being killed. The device tool returns at most 8
 # files from $OUT: log.txt (environment + every step's output), kernels/{csv,json,png}, bench/{csv,json,png}.
@@ -35,8 +36,8 @@ T=$(share 330 170)
 echo "== tckr-engine bench: sd15-arch at 512 px, 20 steps, CFG 2, fp16, beside the plain diffusers pipeline (${T} s)" | tee -a "$LOG"
 timeout "$T" python3 -m tckr_engine.cli bench --preset sd15-arch --device cuda --dtype fp16 --batch-sizes 8 \
   --images 32 --repeats 2 --backends torch,compile,onnxruntime,tensorrt --attention sdpa,triton,xformers \
-  --train-steps 32 --train-batch-size 32 --train-workers 8 --time-budget $((T > 140 ? T - 70 : T / 2)) --out "$OUT/bench" \
-  --note "scripts/gpu-check.sh" 2>&1 | tee -a "$LOG" | tail -25
+  --train-steps 32 --train-batch-size 32 --train-workers 8 --time-budget $((T > 140 ? T - 70 : T / 2)) --profile \
+  --out "$OUT/bench" --note "scripts/gpu-check.sh" 2>&1 | tee -a "$LOG" | tail -32
 
 T=$(share 120 60)
 echo "== attention kernel benchmark (${T} s)" | tee -a "$LOG"

@@ -38,6 +38,7 @@ def test_the_gpu_bench_command_parses_and_validates(cli, monkeypatch, tmp_path):
     assert set(cfg.backends) == {"torch", "compile", "onnxruntime", "tensorrt"}
     assert set(cfg.attention) == {"sdpa", "triton", "xformers"}
     assert cfg.train_steps > 0 and cfg.time_budget_s == 260 and seen["out"] == tmp_path / "b"
+    assert cfg.profile  # one profiled batch per row: where a GPU's time goes, from the same call
 
 
 def test_the_kernel_bench_command_names_existing_options():

@@ -91,6 +91,8 @@ class Contender:
     notes: str = ""
     prepare: Callable[[Path], None] = lambda folder: None
     run: Callable[[Path, Callable[[int], None]], None] | None = None
+    sample: Callable[[], Any] | None = None  # one batch without writing files (`bench --profile`)
+    profile: dict[str, Any] | None = None  # `bench/profile.py: profile_batch` of `sample`
     pattern: str = "*.tar"  # output files whose bytes are compared across repeats
 
     @property
@@ -123,6 +125,7 @@ def baseline_contender(
         return c
     c.notes = f"{baseline.describe}; per-call prompt encoding {text * 1e3:.0f} ms per batch (included)"
     c.run = lambda folder, on_batch: run_baseline(baseline, batches, folder, on_batch)
+    c.sample = lambda: baseline(batches[0])
     return c
 
 
@@ -165,13 +168,15 @@ def engine_contender(
         sync(device)
         c.setup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        engine.sample(next(engine.scheduler.schedule([0])))  # compilation / autotuning / first-call costs
+        first = next(engine.scheduler.schedule([0]))
+        engine.sample(first)  # compilation / autotuning / first-call costs
         sync(device)
         c.warmup_s = time.perf_counter() - t0
     except Exception as e:  # one backend that cannot run must not stop the others
         _fail(c, e)
         return c
     c.notes = slicing_note(slicing)
+    c.sample = lambda: engine.sample(first)
     c.prepare = lambda folder: prepare_folder(folder, row_run, overwrite=True)
     c.run = lambda folder, on_batch: generate_shards(
         row_run, folder, range(row_run["num_shards"]), engine=engine, writers=writers, on_batch=on_batch
@@ -230,3 +235,26 @@ def timed_rounds(
                 shutil.rmtree(c.last, ignore_errors=True)
             c.last = folder
         last_round = time.perf_counter() - t_round
+
+
+def profile_contenders(
+    contenders: list[Contender], device: torch.device, progress: BenchProgress, budget: Budget | None = None
+) -> None:
+    """`bench --profile`: one more batch of every live contender under the PyTorch profiler, into
+    `c.profile` (`bench/profile.py`); after the timed rounds, so it never touches their figures."""
+    from tckr_engine.bench.profile import profile_batch
+
+    for c in contenders:
+        if c.status != "ok" or c.sample is None:
+            continue
+        if budget is not None and budget.spent(f"the profiles from {c.backend}/{c.attention} on"):
+            return
+        progress.status(f"profiling {c.backend}/{c.attention}: one batch")
+        try:
+            c.profile = profile_batch(c.sample, device)
+        except Exception as e:  # a profile is extra: it must not cost the row its figures
+            c.profile = {"status": f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]}
+            log.info("profile of %s/%s: %s", c.backend, c.attention, c.profile["status"])
+            continue
+        if device.type == "cpu" and c.backend in ("onnxruntime", "tensorrt"):
+            c.profile["note"] = "the graph runtime's own work is not seen among PyTorch's CPU ops"

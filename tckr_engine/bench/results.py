@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tckr_engine.bench.profile import profile_line
 from tckr_engine.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,11 @@ def format_table(result: dict[str, Any]) -> str:
             "%peak without a device peak (the CPU): % of the fp32 matmul rate measured in this run; "
             "convolutions can exceed it"
         )
+    for r in result["rows"]:
+        prof = r.get("profile")
+        if prof:
+            line = prof.get("status") or f"{profile_line(prof)} ({prof['scope']})"
+            lines.append(f"profile {_label(r)}: {line}"[:200])
     budget = result.get("time_budget") or {}
     if budget.get("left_out"):
         lines.append(f"--time-budget {budget['seconds']:g} s left out: {'; '.join(budget['left_out'])}"[:400])

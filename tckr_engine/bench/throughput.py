@@ -13,7 +13,9 @@ One process, one run (DESIGN.md "Performance measurement", issue 8). For every b
 4. per row: median images/sec with the slowest/fastest repeat, ratio to the baseline's median, wall ms per
    denoising step of one batch, peak memory, FLOPs per image (`bench/flops.py`) and the achieved rate,
    max |pixel difference| to the baseline's saved images for the same keys, and whether every repeat wrote
-   byte-identical files.
+   byte-identical files;
+5. with `profile`, one more batch of every row under the PyTorch profiler: where its time goes, by kind of
+   kernel / op (`bench/profile.py`), into the row's `profile`.
 Then the trainer row (`bench/trainer.py`) on the first engine row's shards. Results: `bench/results.py`.
 Backends or attention kernels that cannot run here get a row whose status says why.
 """
@@ -44,6 +46,7 @@ from tckr_engine.bench.contenders import (
     Contender,
     baseline_contender,
     engine_contender,
+    profile_contenders,
     timed_rounds,
 )
 from tckr_engine.bench.flops import device_name, device_peak, generation_flops, measured_matmul_tflops
@@ -105,6 +108,7 @@ class BenchConfig:
     train_batch_size: int | None = None  # None: the student trainer's 128, at most the images the row reads
     train_workers: int | None = None  # DataLoader workers of the stream; None: the trainer's default
     train_repeats: int = 2  # interleaved rounds of the trainer row's modes (median, min-max)
+    profile: bool = False  # after the timed rounds, one batch per row under the PyTorch profiler
     note: str = ""  # free text recorded with the results (e.g. "contended machine")
     # Seconds from the start after which no row is set up and no timed round starts (rows keep the rounds
     # they finished, at least one each; the trainer row is skipped); None: no limit. For a machine lent
@@ -261,6 +265,8 @@ def _bench_batch(
     ok = [c for c in contenders if c.status == "ok"]
     progress.start(f"b={b} timed", cfg.repeats * len(ok) * spec["num_images"])
     timed_rounds(contenders, work / f"b{b}", cfg.repeats, device, progress, budget)
+    if cfg.profile:
+        profile_contenders(contenders, device, progress, budget)
 
     base = contenders[0]
     ref_images = read_pngs(base.last) if base.status == "ok" and base.last else None
@@ -276,6 +282,8 @@ def _bench_batch(
                 row["diff_pixels_pct"] = _r(pct, 4)
         if c.name == "diffusers" and c.status == "ok":
             row["max_abs_diff"], row["diff_pixels_pct"] = 0, 0.0
+        if c.profile is not None:
+            row["profile"] = c.profile
         rows.append(row)
     base_ips = rows[0].get("images_per_s")
     for row in rows:

@@ -103,6 +103,14 @@ def bench(
             "they finished (at least one) and the results are written.",
         ),
     ] = None,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile",
+            help="After the timed rounds, one batch per row under the PyTorch profiler: its time by kind "
+            "of kernel / op (conv, gemm, attention, norm, ...) in the JSON and under the table.",
+        ),
+    ] = False,
     note: Annotated[str, typer.Option(help="Free text stored with the results (e.g. machine state).")] = "",
     out: Annotated[Path, typer.Option("--out", help="Folder for the CSV, JSON and plot.")] = Path(
         "docs/bench"
@@ -143,6 +151,7 @@ def bench(
         train_workers=train_workers,
         train_repeats=train_repeats,
         time_budget_s=time_budget,
+        profile=profile,
         note=note,
     ).validate()
 

@@ -1,0 +1,149 @@
+"""Where a bench row's time goes: one batch under the PyTorch profiler, grouped by kind of work.
+
+`tckr-engine bench --profile` runs, after a batch size's timed rounds, one more batch of every row that ran
+(the baseline's pipeline call, the engine's `Engine.sample`: prompts, the whole sampling loop, decode,
+teacher; no file writing) under `torch.profiler`, and stores in the row:
+
+- on a GPU, the CUDA kernels' own time (`self_device_time_total`), so one run of a lent GPU says how much
+  of a batch the device was busy (the rest is launch gaps, host work, synchronisation) and which kernels
+  took it: cuDNN convolutions, GEMMs, attention, norms, inductor's fused kernels, layout transposes, ...;
+- on the CPU, the PyTorch ops' self time summed over every thread (worker threads included), which can
+  exceed the wall clock when several threads compute at once. ONNX Runtime and TensorRT run outside
+  PyTorch's ops: on the CPU their work is not seen (the row says so); on a GPU their kernels are.
+
+Categories come from kernel / op names (`categorize`, first matching rule wins); the top entries are kept
+by name, so a misfiled kernel is visible in the JSON. The profiled batch runs slower than the timed ones
+(the profiler's own overhead): read shares, not speeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# (category, name substrings), matched on the lower-cased aten op or kernel name; the first rule that
+# matches wins, so the more specific rules come first.
+RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # cuDNN's NCHW <-> NHWC conversions around convolutions of channels-first tensors
+    ("layout", ("nchwtonhwc", "nhwctonchw")),
+    # inductor's generated pointwise / reduction kernels (their names list the fused ops, "convolution"
+    # included, so before the conv rule); its templates (triton_tem_*) fall through to conv / gemm
+    ("fused", ("triton_poi", "triton_red", "triton_per")),
+    ("attention", ("flash", "fmha", "attention", "_attn_fwd", "sdpa", "softmax")),
+    ("conv", ("conv", "fprop", "implicit_gemm", "winograd", "im2col")),
+    ("gemm", ("gemm", "gemv", "addmm", "aten::mm", "bmm", "matmul", "linear", "cutlass", "cublas",
+              "triton_tem")),
+    ("norm", ("group_norm", "groupnorm", "layer_norm", "layernorm", "batch_norm", "rms_norm", "welford",
+              "rowwisemoments", "computefusedparams")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "clone", "contiguous", "upsample", "fill", "index", "pad")),
+    ("elementwise", ("elementwise", "add", "mul", "sub", "div", "silu", "gelu", "sigmoid", "tanh", "exp",
+                     "clamp", "where", "pow", "sqrt", "neg", "abs", "relu", "round", "lerp")),
+)  # fmt: skip
+CATEGORIES = (*(c for c, _ in RULES), "other")
+
+
+def categorize(name: str) -> str:
+    """The kind of work of an aten op or GPU kernel name (one of CATEGORIES)."""
+    low = name.lower()
+    for category, keys in RULES:
+        if any(k in low for k in keys):
+            return category
+    return "other"
+
+
+def _profiler_kwargs(device: torch.device) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity
+
+    if device.type == "cuda":  # the work is on the device; kernels from every thread are traced anyway
+        return {"activities": [ProfilerActivity.CPU, ProfilerActivity.CUDA]}
+    kwargs: dict[str, Any] = {"activities": [ProfilerActivity.CPU]}
+    try:  # the engine's side-by-side workers are threads the profiler would not see otherwise
+        kwargs["experimental_config"] = torch.profiler._ExperimentalConfig(profile_all_threads=True)
+    except (AttributeError, TypeError):  # an older PyTorch: the calling thread only
+        log.info("this PyTorch cannot profile all threads; worker threads are not seen")
+    return kwargs
+
+
+def profile_batch(fn: Callable[[], Any], device: torch.device, top: int = 15) -> dict[str, Any]:
+    """Run `fn()` once under the PyTorch profiler; its time by category and its `top` entries.
+
+    Returns `{"scope", "wall_ms", "busy_ms", "busy_pct", "by_category": {cat: {"ms", "pct"}}, "top":
+    [{"name", "category", "ms", "pct", "calls"}]}`: `scope` is "cuda kernels" or "cpu ops, all threads";
+    `pct` is of `busy_ms`; `busy_pct` is `busy_ms` over the wall clock (a GPU's busy share; on the CPU
+    more than 100 when threads overlap).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import profile
+
+    from tckr_engine.bench.flops import sync
+
+    cuda = device.type == "cuda"
+    with profile(**_profiler_kwargs(device)) as prof:
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        wall_us = (time.perf_counter() - t0) * 1e6
+    want = DeviceType.CUDA if cuda else DeviceType.CPU
+    entries = []
+    for e in prof.key_averages():
+        if e.device_type != want:
+            continue
+        if cuda:  # (self_cuda_time_total before PyTorch 2.4)
+            us = getattr(e, "self_device_time_total", None)
+            us = e.self_cuda_time_total if us is None else us
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            entries.append((e.key, float(us), int(e.count)))
+    return summarize(entries, wall_us, "cuda kernels" if cuda else "cpu ops, all threads", top)
+
+
+def summarize(
+    entries: list[tuple[str, float, int]], wall_us: float, scope: str, top: int = 15
+) -> dict[str, Any]:
+    """`profile_batch`'s result from (name, self microseconds, calls) entries and the wall clock."""
+    busy = sum(us for _, us, _ in entries)
+    per_cat = dict.fromkeys(CATEGORIES, 0.0)
+    for name, us, _ in entries:
+        per_cat[categorize(name)] += us
+
+    def pct(us: float) -> float:
+        return round(100 * us / busy, 2) if busy else 0.0
+
+    ranked = sorted(entries, key=lambda e: -e[1])[:top]
+    return {
+        "scope": scope,
+        "wall_ms": round(wall_us / 1e3, 3),
+        "busy_ms": round(busy / 1e3, 3),
+        "busy_pct": round(100 * busy / wall_us, 1) if wall_us > 0 else None,
+        "by_category": {
+            c: {"ms": round(us / 1e3, 3), "pct": pct(us)}
+            for c, us in sorted(per_cat.items(), key=lambda kv: -kv[1])
+            if us > 0
+        },
+        "top": [
+            {
+                "name": name[:200],
+                "category": categorize(name),
+                "ms": round(us / 1e3, 3),
+                "pct": pct(us),
+                "calls": calls,
+            }
+            for name, us, calls in ranked
+        ],
+    }
+
+
+def profile_line(profile: dict[str, Any], width: int = 6) -> str:
+    """One terminal line: busy share and the largest categories, e.g. `busy 93 %: conv 48 %, gemm 21 %`."""
+    cats = list(profile["by_category"].items())[:width]
+    parts = ", ".join(f"{c} {v['pct']:.0f} %" for c, v in cats)
+    busy = profile.get("busy_pct")
+    return (f"busy {busy:.0f} % of {profile['wall_ms'] / 1e3:.2f} s: " if busy is not None else "") + parts
