@@ -36,6 +36,8 @@ def cache_dir(tmp_path_factory, monkeypatch):
         ("aten::cat", "copy"),
         ("aten::upsample_nearest2d", "copy"),
         ("aten::sort", "other"),
+        ("aten::expand", "other"),  # a view
+        ("## Call CompiledFxGraph fxmnu27h5agrmwv5w7 ##", "fused"),  # inductor's C++ on the CPU
         # CUDA kernels (cuDNN, cuBLAS / CUTLASS, flash / memory-efficient attention, PyTorch, inductor, ours)
         ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "conv"),
         ("void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true>", "layout"),

@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # cuDNN's NCHW <-> NHWC conversions around convolutions of channels-first tensors
     ("layout", ("nchwtonhwc", "nhwctonchw")),
-    # inductor's generated pointwise / reduction kernels (their names list the fused ops, "convolution"
-    # included, so before the conv rule); its templates (triton_tem_*) fall through to conv / gemm
-    ("fused", ("triton_poi", "triton_red", "triton_per")),
+    # inductor's generated code: GPU pointwise / reduction kernels (their names list the fused ops,
+    # "convolution" included, so before the conv rule; its templates, triton_tem_*, fall through to conv /
+    # gemm) and, on the CPU, the compiled graph's own C++ between the aten calls it makes
+    ("fused", ("triton_poi", "triton_red", "triton_per", "compiledfxgraph")),
     ("attention", ("flash", "fmha", "attention", "_attn_fwd", "sdpa", "softmax")),
     ("conv", ("conv", "fprop", "implicit_gemm", "winograd", "im2col")),
     ("gemm", ("gemm", "gemv", "addmm", "aten::mm", "bmm", "matmul", "linear", "cutlass", "cublas",
@@ -42,8 +43,8 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("norm", ("group_norm", "groupnorm", "layer_norm", "layernorm", "batch_norm", "rms_norm", "welford",
               "rowwisemoments", "computefusedparams")),
     ("copy", ("copy", "memcpy", "memset", "cat", "clone", "contiguous", "upsample", "fill", "index", "pad")),
-    ("elementwise", ("elementwise", "add", "mul", "sub", "div", "silu", "gelu", "sigmoid", "tanh", "exp",
-                     "clamp", "where", "pow", "sqrt", "neg", "abs", "relu", "round", "lerp")),
+    ("elementwise", ("elementwise", "add", "mul", "sub", "div", "silu", "gelu", "sigmoid", "tanh",
+                     "exp_kernel", "clamp", "where", "pow", "sqrt", "neg", "abs", "relu", "round", "lerp")),
 )  # fmt: skip
 CATEGORIES = (*(c for c, _ in RULES), "other")
 
