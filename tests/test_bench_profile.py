@@ -94,6 +94,33 @@ def test_profile_sees_the_work_of_worker_threads():
     assert sum(t["calls"] for t in conv) >= 40
 
 
+def test_raw_event_times_equal_pytorchs_own():
+    """The fast path over the raw kineto events gives PyTorch's FunctionEvent self times: same ops, same
+    calls, same microseconds (nested ops on the calling thread and on a worker; the UNet's upsampling
+    is an op calling its own other overload, which PyTorch counts once)."""
+    from torch.profiler import profile
+
+    from tckr_engine.bench.profile import _profiler_kwargs, event_self_times, raw_self_times
+    from tckr_engine.models.generator import build_preset
+
+    unet = build_preset("tiny-digits").unet
+    x, t = torch.randn(4, unet.config.in_channels, 8, 8), torch.tensor(10)
+    ctx = torch.randn(4, 6, unet.config.cross_attention_dim)
+    pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
+    list(pool.map(lambda _: None, range(1)))
+    with torch.inference_mode(), profile(**_profiler_kwargs(torch.device("cpu"))) as prof:
+        unet(x, t, ctx)
+        pool.submit(lambda: unet(x, t, ctx)).result()
+    pool.shutdown()
+    raw = raw_self_times(prof.profiler.kineto_results.events(), cuda=False)
+    ref = event_self_times(prof.events(), cuda=False)
+    assert set(raw) == set(ref) and "aten::mkldnn_convolution" in raw
+    for name, (us, calls) in ref.items():
+        assert raw[name][1] == calls, name
+        assert raw[name][0] == pytest.approx(us, abs=0.01 * calls + 1e-6), name
+    assert raw["aten::mkldnn_convolution"][1] % 2 == 0  # both threads' calls
+
+
 def test_bench_profile_rows(tmp_path, monkeypatch):
     """`bench --profile`: every row that ran gets a profile of one batch; a failing profile leaves the
     row's figures alone; the graph runtime's CPU work is flagged as unseen."""
@@ -137,12 +164,26 @@ def test_gpu_profile_counts_kernels():
     a = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
 
     def batch():
-        for _ in range(10):
-            torch.conv2d(x, w, padding=1)
-            a @ a
+        with torch.profiler.record_function("region"):  # its GPU-side span must not count twice
+            for _ in range(10):
+                torch.conv2d(x, w, padding=1)
+                a @ a
 
     batch()
     prof = profile_batch(batch, torch.device("cuda"))
     assert prof["scope"] == "cuda kernels" and 0 < prof["busy_pct"] <= 100.5
     assert {"conv", "gemm"} <= set(prof["by_category"]), prof["top"]
     assert sum(v["pct"] for v in prof["by_category"].values()) == pytest.approx(100, abs=0.1)
+
+    from torch.profiler import profile
+
+    from tckr_engine.bench.profile import _profiler_kwargs, event_self_times, raw_self_times
+
+    with profile(**_profiler_kwargs(torch.device("cuda"))) as p:
+        batch()
+        torch.cuda.synchronize()
+    raw = raw_self_times(p.profiler.kineto_results.events(), cuda=True)
+    ref = event_self_times(p.events(), cuda=True)
+    assert set(raw) == set(ref) and "region" not in raw
+    for name, (us, calls) in ref.items():
+        assert raw[name][1] == calls and raw[name][0] == pytest.approx(us, abs=0.01 * calls + 1e-6), name

@@ -79,7 +79,6 @@ def profile_batch(fn: Callable[[], Any], device: torch.device, top: int = 15) ->
     `pct` is of `busy_ms`; `busy_pct` is `busy_ms` over the wall clock (a GPU's busy share; on the CPU
     more than 100 when threads overlap).
     """
-    from torch.autograd import DeviceType
     from torch.profiler import profile
 
     from tckr_engine.bench.flops import sync
@@ -91,19 +90,117 @@ def profile_batch(fn: Callable[[], Any], device: torch.device, top: int = 15) ->
         fn()
         sync(device)
         wall_us = (time.perf_counter() - t0) * 1e6
+    try:
+        totals = raw_self_times(prof.profiler.kineto_results.events(), cuda)
+    except AttributeError:  # another PyTorch's internals: the public (slower) path
+        log.info("profiler internals differ in this PyTorch; summing its FunctionEvents instead")
+        totals = event_self_times(prof.events(), cuda)
+    entries = [(name, us, n) for name, (us, n) in totals.items() if us > 0]
+    return summarize(entries, wall_us, "cuda kernels" if cuda else "cpu ops, all threads", top)
+
+
+# Helper events of the profiler that PyTorch's own tables leave out (`torch.autograd.profiler_util`).
+_SKIPPED = frozenset(
+    {
+        "[memory]", "[OutOfMemory]", "profiler::_record_function_enter",
+        "profiler::_record_function_enter_new", "profiler::_record_function_exit", "aten::is_leaf",
+        "aten::output_nr", "aten::_version",
+    }
+)  # fmt: skip
+
+
+def raw_self_times(events: list[Any], cuda: bool) -> dict[str, tuple[float, int]]:
+    """{name: (self microseconds, calls)} from the profiler's raw kineto events.
+
+    `prof.events()` / `key_averages()` build a Python object per event first: ~40 us each, so tens of
+    seconds for one SD batch of a lent GPU. This reads the raw events: on a GPU the kernels' (and
+    copies') durations, which do not nest (PyTorch's tables also leave out the GPU spans of
+    record_function regions); on the CPU each op's duration less its children's, children
+    found per thread by time ranges as `torch.autograd.profiler_util` nests them.
+    """
+    from torch.autograd import DeviceType
+
+    totals: dict[str, list[float]] = {}
+
+    def add(name: str, ns: float) -> None:
+        t = totals.setdefault(name, [0.0, 0])
+        t[0] += ns / 1e3
+        t[1] += 1
+
+    if cuda:  # not the GPU-side spans of record_function regions: they cover kernels counted already
+        for e in events:
+            if e.device_type() == DeviceType.CUDA and e.name() not in _SKIPPED and not e.is_user_annotation():
+                add(e.name(), e.duration_ns())
+        return _demangled(totals)
+    ops = [
+        (e.start_thread_id(), e.start_ns(), e.end_ns(), e.name())
+        for e in events
+        if e.device_type() == DeviceType.CPU and e.name() not in _SKIPPED and not e.is_async()
+        and e.start_thread_id() == e.end_thread_id() and not e.is_hidden_event()
+    ]  # fmt: skip
+    ops.sort(key=lambda o: (o[0], o[1], -o[2]))
+    own = [end - start for _, start, end, _ in ops]
+    parent = [-1] * len(ops)
+    children: list[list[int]] = [[] for _ in ops]
+    stack: list[int] = []
+    for i, (thread, start, end, _) in enumerate(ops):
+        if stack and ops[stack[-1]][0] != thread:
+            stack = []
+        while stack:  # the innermost open op that contains this one is its parent
+            p = ops[stack[-1]]
+            if start >= p[2] or end > p[2]:
+                stack.pop()
+            else:
+                own[stack[-1]] -= end - start
+                parent[i] = stack[-1]
+                children[stack[-1]].append(i)
+                break
+        stack.append(i)
+    # An op whose only child has its name (an overload calling another) counts once, with the child's
+    # own time, as in PyTorch's tables (`EventList._remove_dup_nodes`).
+    alive = [True] * len(ops)
+    merged = True
+    while merged:
+        merged = False
+        for i, p in enumerate(parent):
+            if alive[i] and p >= 0 and ops[p][3] == ops[i][3] and len(children[p]) == 1:
+                own[p] += own[i]
+                children[p] = children[i]
+                for c in children[i]:
+                    parent[c] = p
+                alive[i], merged = False, True
+    for (_, _, _, name), ns, keep in zip(ops, own, alive, strict=True):
+        if keep:
+            add(name, ns)
+    return _demangled(totals)
+
+
+def _demangled(totals: dict[str, list[float]]) -> dict[str, tuple[float, int]]:
+    out: dict[str, tuple[float, int]] = {}
+    for name, (us, n) in totals.items():
+        key = torch._C._demangle(name) if name.startswith("_Z") else name
+        prev = out.get(key, (0.0, 0))
+        out[key] = (prev[0] + us, prev[1] + int(n))
+    return out
+
+
+def event_self_times(events: list[Any], cuda: bool) -> dict[str, tuple[float, int]]:
+    """{name: (self microseconds, calls)} from `prof.events()` (PyTorch's FunctionEvents)."""
+    from torch.autograd import DeviceType
+
     want = DeviceType.CUDA if cuda else DeviceType.CPU
-    entries = []
-    for e in prof.key_averages():
-        if e.device_type != want:
+    totals: dict[str, tuple[float, int]] = {}
+    for e in events:
+        if e.device_type != want or (cuda and getattr(e, "is_user_annotation", False)):
             continue
-        if cuda:  # (self_cuda_time_total before PyTorch 2.4)
+        if cuda:  # a kernel's own time (self_cuda_time_total before PyTorch 2.4)
             us = getattr(e, "self_device_time_total", None)
             us = e.self_cuda_time_total if us is None else us
         else:
             us = e.self_cpu_time_total
-        if us > 0:
-            entries.append((e.key, float(us), int(e.count)))
-    return summarize(entries, wall_us, "cuda kernels" if cuda else "cpu ops, all threads", top)
+        prev = totals.get(e.name, (0.0, 0))
+        totals[e.name] = (prev[0] + float(us), prev[1] + 1)
+    return totals
 
 
 def summarize(
