@@ -20,6 +20,7 @@ by name, so a misfiled kernel is visible in the JSON. The profiled batch runs sl
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,9 @@ def _profiler_kwargs(device: torch.device) -> dict[str, Any]:
         # profiler slows an eager loop's launches less, so the device's busy share is closer to the truth
         return {"activities": [ProfilerActivity.CUDA]}
     kwargs: dict[str, Any] = {"activities": [ProfilerActivity.CPU]}
+    # kineto prints a "profiler_start"/"profiler_stop" line per profile at its top log level (5), read when
+    # the profiler first starts; 6 silences it. Not on a GPU, where its errors (CUPTI's) must stay visible.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     try:  # the engine's side-by-side workers are threads the profiler would not see otherwise
         kwargs["experimental_config"] = torch.profiler._ExperimentalConfig(profile_all_threads=True)
     except (AttributeError, TypeError):  # an older PyTorch: the calling thread only
