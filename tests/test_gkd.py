@@ -24,15 +24,8 @@ from tckr_engine.models.classifier import load_classifier
 from tckr_engine.synth.bss import BSSConfig, boundary_samples, bss_schedule
 from tckr_engine.train.gkd import StudentConfig, train_student
 from tckr_engine.train.losses import BSSBatch, batch_loss, batch_targets, gkd_loss
-from tckr_engine.train.stream import (
-    ensure_round,
-    epoch_batches,
-    iterate_batches,
-    loader_in_process,
-    open_shard_folder,
-    plan_rounds,
-    shard_loader,
-)
+from tckr_engine.train.shard_folders import ensure_round, open_shard_folder, plan_rounds
+from tckr_engine.train.stream import epoch_batches, iterate_batches, loader_in_process, shard_loader
 from tckr_engine.train.teacher import TeacherConfig, evaluate_accuracy, train_teacher
 
 OUTPUTS = ("model.safetensors", "classifier.json", "train_log.jsonl", "checkpoint.pt", "metrics.json")

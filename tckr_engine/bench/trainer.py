@@ -245,7 +245,8 @@ def main() -> None:
     from tckr_engine.config import check_training_device
     from tckr_engine.engine.spec import versions
     from tckr_engine.errors import TckrError
-    from tckr_engine.train.stream import LOADERS, open_shard_folder
+    from tckr_engine.train.shard_folders import open_shard_folder
+    from tckr_engine.train.stream import LOADERS
 
     parser = argparse.ArgumentParser(description="Student samples/sec streaming shards vs in memory.")
     parser.add_argument("--shards", required=True, help="a shard folder written by 'tckr-engine generate'")

@@ -23,7 +23,7 @@ from tckr_engine.errors import TckrError
 from tckr_engine.models.classifier import Classifier
 
 if TYPE_CHECKING:
-    from tckr_engine.train.stream import ShardFolder
+    from tckr_engine.train.shard_folders import ShardFolder
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def read_shard_images(shard_folder: str | Path | ShardFolder) -> tuple[np.ndarra
     import webdataset as wds
     from PIL import Image
 
-    from tckr_engine.train.stream import ShardFolder, open_shard_folder
+    from tckr_engine.train.shard_folders import ShardFolder, open_shard_folder
 
     shards = (  # run.json, index.json, every tar against its stats file
         shard_folder if isinstance(shard_folder, ShardFolder) else open_shard_folder(shard_folder)
@@ -174,7 +174,7 @@ def synthetic_quality(shard_folder: str | Path, teacher_path: str | Path, batch_
     from tckr_engine.data import load_dataset
     from tckr_engine.fsutil import write_json
     from tckr_engine.models.classifier import load_classifier
-    from tckr_engine.train.stream import open_shard_folder
+    from tckr_engine.train.shard_folders import open_shard_folder
 
     folder = Path(shard_folder)
     shards = open_shard_folder(folder)  # checked (each tar hashed) once, before the teacher is loaded

@@ -13,7 +13,7 @@ runs when β = 0. Target classes are drawn from a generator seeded per epoch, so
 
 Regeneration every R epochs (`regenerate_every`): "pool" reads a disjoint subset of the shard folder each
 round, "engine" generates a new folder per round with the pool's recorded run and seed + round into
-`OUT/regen/round-XXX/` (a finished one is reused on resume). See `stream.plan_rounds`.
+`OUT/regen/round-XXX/` (a finished one is reused on resume). See `shard_folders.plan_rounds`.
 
 Model selection on a validation split of the real train set (never test); the test split is read once at
 the end to score the selected weights. Output folder: `model.safetensors` + `classifier.json` (best epoch),
@@ -57,19 +57,21 @@ from tckr_engine.models.classifier import (
 )
 from tckr_engine.synth.bss import BSSConfig, bss_schedule
 from tckr_engine.train.losses import BSSBatch, batch_loss, batch_targets
-from tckr_engine.train.stream import (
-    LOADERS,
+from tckr_engine.train.shard_folders import (
     REGEN_DIR,
     Round,
     ShardFolder,
     ensure_round,
+    open_shard_folder,
+    plan_rounds,
+    round_of_epoch,
+)
+from tckr_engine.train.stream import (
+    LOADERS,
     epoch_batches,
     iterate_batches,
     loader_in_process,
     loader_note,
-    open_shard_folder,
-    plan_rounds,
-    round_of_epoch,
     shard_loader,
 )
 from tckr_engine.train.teacher import TeacherConfig, evaluate_accuracy, random_shift_flip
