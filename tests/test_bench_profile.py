@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -123,8 +124,9 @@ def test_raw_event_times_equal_pytorchs_own():
 
 
 def test_bench_profile_rows(tmp_path, monkeypatch):
-    """`bench --profile`: every row that ran gets a profile of one batch; a failing profile leaves the
-    row's figures alone; the graph runtime's CPU work is flagged as unseen."""
+    """`bench --profile`: every row that ran gets a profile of one batch; the figures are written before
+    the profiler runs, and a failing profile leaves them alone; the graph runtime's CPU work is flagged
+    as unseen."""
     cfg = BenchConfig(
         preset="tiny-digits", device="cpu", batch_sizes=(8,), steps=2, images=8, repeats=1,
         backends=("torch", "onnxruntime", "tensorrt"), attention=("sdpa",), threads=2, train_steps=0,
@@ -145,12 +147,17 @@ def test_bench_profile_rows(tmp_path, monkeypatch):
 
     import tckr_engine.bench.profile as profile_module
 
-    def broken(fn, device, top=15):
+    seen = []
+
+    def broken(fn, device, top=15):  # the measured rows are on disk before any profile runs
+        written = json.loads((tmp_path / "b" / "throughput-tiny-digits-cpu.json").read_text())
+        seen.append([(r["backend"], r["images_per_s"] > 0) for r in written["rows"]])
         raise RuntimeError("profiler unavailable\nsecond line")
 
     monkeypatch.setattr(profile_module, "profile_batch", broken)
     cfg.backends = ("torch",)
     result = run_bench(cfg, tmp_path / "b")
+    assert seen == [[("diffusers", True), ("torch", True)]] * 2
     for row in result["rows"]:
         assert row["status"] == "ok" and row["images_per_s"] > 0
         assert row["profile"] == {"status": "failed: RuntimeError: profiler unavailable"}

@@ -31,6 +31,7 @@ import os
 import platform
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -234,9 +235,10 @@ def _r(x: float | None, nd: int) -> float | None:
 
 def _bench_batch(
     cfg: BenchConfig, run: dict[str, Any], resources: Resources, work: Path, ref: dict[str, Any],
-    progress: BenchProgress, budget: Budget,
+    progress: BenchProgress, budget: Budget, save: Callable[[list[dict[str, Any]]], None],
 ) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
-    """The rows of one batch size; also the tar paths of the first engine row (for the trainer row)."""
+    """The rows of one batch size; also the tar paths of the first engine row (for the trainer row).
+    With `cfg.profile`, `save(rows)` writes the measured rows before the profiler runs."""
     spec = run["spec"]
     device = torch.device(spec["device"])
     b = spec["batch_size"]
@@ -265,8 +267,6 @@ def _bench_batch(
     ok = [c for c in contenders if c.status == "ok"]
     progress.start(f"b={b} timed", cfg.repeats * len(ok) * spec["num_images"])
     timed_rounds(contenders, work / f"b{b}", cfg.repeats, device, progress, budget)
-    if cfg.profile:
-        profile_contenders(contenders, device, progress, budget)
 
     base = contenders[0]
     ref_images = read_pngs(base.last) if base.status == "ok" and base.last else None
@@ -282,8 +282,6 @@ def _bench_batch(
                 row["diff_pixels_pct"] = _r(pct, 4)
         if c.name == "diffusers" and c.status == "ok":
             row["max_abs_diff"], row["diff_pixels_pct"] = 0, 0.0
-        if c.profile is not None:
-            row["profile"] = c.profile
         rows.append(row)
     base_ips = rows[0].get("images_per_s")
     for row in rows:
@@ -294,6 +292,12 @@ def _bench_batch(
             f"max |diff| {row.get('max_abs_diff')}"
         )  # fmt: skip
         progress.status(f"b={b} {row['backend']}/{row['attention']}: {line}")
+    if cfg.profile:  # the figures reach the files and the log first: a profiler crash cannot lose them
+        save(rows)
+        profile_contenders(contenders, device, progress, budget)
+        for row, c in zip(rows, contenders, strict=True):
+            if c.profile is not None:
+                row["profile"] = c.profile
     return rows, urls
 
 
@@ -367,12 +371,28 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
     )
     rows: list[dict[str, Any]] = []
     trainer = None
+
+    def result_so_far(more: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
+            "meta": meta,
+            "flops": flops,
+            "matmul": ref["matmul"],
+            "device_peak_flops": ref["peak"],
+            "rows": rows + more,
+            "trainer": trainer,
+            "time_budget": {"seconds": cfg.time_budget_s, "left_out": budget.stopped},
+        }
+
+    def save(more: list[dict[str, Any]]) -> None:
+        write_results(Path(out), result_so_far(more))
+
     with tempfile.TemporaryDirectory(prefix="tckr-bench-") as tmp:
         work = Path(tmp)
         urls: list[str] = []
         for b in cfg.batch_sizes:
             brun = _with_batch(run, b, math.ceil(cfg.images / b) * b)
-            brows, burls = _bench_batch(cfg, brun, resources, work, ref, progress, budget)
+            brows, burls = _bench_batch(cfg, brun, resources, work, ref, progress, budget, save)
             rows += brows
             urls = urls or burls
             gc.collect()
@@ -381,16 +401,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
         if cfg.train_steps:
             rows += _trainer_rows(cfg, urls, run["spec"]["classes"], device, progress, budget)
             trainer = rows[-1].pop("_detail", None)
-    result = {
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
-        "meta": meta,
-        "flops": flops,
-        "matmul": ref["matmul"],
-        "device_peak_flops": ref["peak"],
-        "rows": rows,
-        "trainer": trainer,
-        "time_budget": {"seconds": cfg.time_budget_s, "left_out": budget.stopped},
-    }
+    result = result_so_far([])
     if budget.stopped:
         progress.status(f"--time-budget {cfg.time_budget_s:g} s left out: {'; '.join(budget.stopped)}")
     result["files"] = write_results(Path(out), result)
