@@ -229,6 +229,37 @@ def test_engine_runs_groups_of_images_side_by_side_with_the_same_images():
     assert torch.equal(images, gen.decode(x))
 
 
+def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """Each row is timed once right after its set-up and the files are rewritten: an outer timeout during a
+    later row's set-up (a long compilation on a lent GPU) leaves the rows measured so far on disk."""
+    import tckr_engine.bench.throughput as throughput
+
+    make = throughput.engine_contender
+
+    def killed_in_compile(run, resources, backend, attention, writers):
+        if backend == "compile":
+            raise KeyboardInterrupt  # what `timeout` does to the process, as far as the bench can tell
+        return make(run, resources, backend, attention, writers)
+
+    monkeypatch.setattr(throughput, "engine_contender", killed_in_compile)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "throughput-tiny-digits-cpu.png").write_bytes(b"an older run's plot")
+    cfg = BenchConfig(
+        preset="tiny-digits", device="cpu", batch_sizes=(8,), steps=2, images=8, repeats=3,
+        backends=("torch", "compile"), attention=("sdpa",), threads=1, train_steps=0,
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(cfg, out)
+    written = json.loads((out / "throughput-tiny-digits-cpu.json").read_text())
+    rows = {r["backend"]: r for r in written["rows"]}
+    assert set(rows) == {"diffusers", "torch"} and all(r["repeats"] == 1 for r in rows.values())
+    assert rows["torch"]["max_abs_diff"] == 0 and rows["torch"]["ratio_to_baseline"] > 0
+    assert not (out / "throughput-tiny-digits-cpu.png").exists()  # not beside these figures
+    with (out / "throughput-tiny-digits-cpu.csv").open() as f:
+        assert [r["backend"] for r in csv.DictReader(f)] == ["diffusers", "torch"]
+
+
 def test_each_engine_row_runs_its_backends_own_cpu_slicing(tmp_path, monkeypatch):
     """The bench resolves its spec once (with torch); each row must still slice the UNet as
     `generate --backend` does: compile calls its graph from one thread, never from the torch workers.

@@ -197,12 +197,11 @@ def slicing_note(slicing: dict[str, int] | None) -> str:
 
 def timed_rounds(
     contenders: list[Contender], work: Path, repeats: int, device: torch.device, progress: BenchProgress,
-    budget: Budget | None = None,
+    budget: Budget | None = None, first: int = 0, last_round: float = 0.0,
 ) -> None:  # fmt: skip
-    """`repeats` rounds of every live contender; with a budget, round r > 0 starts only if the time left
-    covers one more round as long as the last one."""
-    last_round = 0.0
-    for r in range(repeats):
+    """Rounds `first` .. `repeats - 1` of every live contender; with a budget, round r > 0 starts only if
+    the time left covers one more round as long as the last one (`last_round` before the first here)."""
+    for r in range(first, repeats):
         if not any(c.status == "ok" for c in contenders):
             return
         if budget is not None and r > 0 and budget.left() < last_round:

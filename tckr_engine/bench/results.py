@@ -32,8 +32,9 @@ def stem(model: str, device_type: str) -> str:
     return f"throughput-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{device_type}"
 
 
-def write_results(out_dir: Path, result: dict[str, Any]) -> dict[str, str]:
-    """Write `<stem>.csv`, `<stem>.json` and `<stem>.png`; returns what was written, by kind."""
+def write_results(out_dir: Path, result: dict[str, Any], plot: bool = True) -> dict[str, str]:
+    """Write `<stem>.csv`, `<stem>.json` and `<stem>.png`; returns what was written, by kind. Without
+    `plot` (the bench's saves while it runs) an older plot of the same stem is removed instead."""
     out_dir.mkdir(parents=True, exist_ok=True)
     base = stem(result["config"]["preset"], result["meta"]["device_type"])
     files = {"csv": out_dir / f"{base}.csv", "json": out_dir / f"{base}.json", "png": out_dir / f"{base}.png"}
@@ -53,7 +54,9 @@ def write_results(out_dir: Path, result: dict[str, Any]) -> dict[str, str]:
                 }
             )
     atomic_write(files["json"], (json.dumps(result, indent=1, default=str) + "\n").encode())
-    if not _plot(files["png"], result):
+    if not plot:
+        files.pop("png").unlink(missing_ok=True)  # it would show another run beside these files
+    elif not _plot(files["png"], result):
         del files["png"]
     return {k: str(v) for k, v in files.items()}
 

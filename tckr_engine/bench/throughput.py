@@ -6,10 +6,11 @@ One process, one run (DESIGN.md "Performance measurement", issue 8). For every b
 2. every contender (`bench/contenders.py`) is set up and warmed up on one batch (model export / session /
    engine build = `setup_s`, first batch incl. compilation = `warmup_s`; both reported, never timed): the
    diffusers baseline (`bench/baseline.py`) and the engine per backend x attention (`generate_shards` with a
-   prebuilt Engine: the writer pool encodes PNGs and commits shard tars);
-3. `repeats` timed rounds; inside a round the contenders run one after the other, so slow drifts of the
-   machine (other jobs, thermal) hit all of them alike. Each timed run generates all images end to end into
-   a fresh folder (files on disk), with the device synchronised before and after;
+   prebuilt Engine: the writer pool encodes PNGs and commits shard tars); its first timed run follows at
+   once, and the rows measured so far are written to the output files (a run cut short keeps them);
+3. the other `repeats - 1` timed rounds; inside a round the contenders run one after the other, so slow
+   drifts of the machine (other jobs, thermal) hit all of them alike. Each timed run generates all images
+   end to end into a fresh folder (files on disk), with the device synchronised before and after;
 4. per row: median images/sec with the slowest/fastest repeat, ratio to the baseline's median, wall ms per
    denoising step of one batch, peak memory, FLOPs per image (`bench/flops.py`) and the achieved rate,
    max |pixel difference| to the baseline's saved images for the same keys, and whether every repeat wrote
@@ -238,36 +239,72 @@ def _bench_batch(
     progress: BenchProgress, budget: Budget, save: Callable[[list[dict[str, Any]]], None],
 ) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
     """The rows of one batch size; also the tar paths of the first engine row (for the trainer row).
-    With `cfg.profile`, `save(rows)` writes the measured rows before the profiler runs."""
+
+    Each row's first timed run follows its set-up and warm-up at once, and `save(rows)` then writes every
+    row measured so far: a run cut short (an outer timeout in a long compilation on a lent GPU) keeps them.
+    The other repeats interleave all rows, so slow drifts of the machine hit them alike. With
+    `cfg.profile`, the profiles come after everything is measured and written.
+    """
     spec = run["spec"]
     device = torch.device(spec["device"])
     b = spec["batch_size"]
     sched = BatchScheduler(spec["num_images"], spec["shard_size"], b, resources.prompts, spec["seed"])
     batches = [batch.jobs[: batch.n_real] for batch in sched.schedule(range(run["num_shards"]))]
+    folder = work / f"b{b}"
     contenders: list[Contender] = []
+
+    def add(c: Contender) -> None:
+        contenders.append(c)
+        what = f"setup {c.setup_s:.1f} s, warm-up {c.warmup_s:.1f} s" if c.status == "ok" else c.status
+        progress.status(f"b={b} {c.backend}/{c.attention}: {what}")
+        if c.status == "ok":
+            progress.start(f"b={b} {c.backend}/{c.attention} repeat 1", spec["num_images"])
+            timed_rounds([c], folder, 1, device, progress)
+        save(_batch_rows(contenders, spec, ref)[0])
+
     if budget.spent(f"b={b} diffusers"):
-        contenders.append(Contender("diffusers", "diffusers", "sdpa", status=budget.skip_status()))
+        add(Contender("diffusers", "diffusers", "sdpa", status=budget.skip_status()))
     else:
         progress.status(f"b={b}: setting up the diffusers baseline")
-        contenders.append(baseline_contender(run, resources, batches, device))
+        add(baseline_contender(run, resources, batches, device))
     for backend in cfg.backends:
         graph = backend in GRAPH_BACKENDS
         for attention in cfg.attention[:1] if graph else cfg.attention:
             what = f"{backend}" + ("" if graph else f"/{attention}")
             if budget.spent(f"b={b} {what}"):
-                skipped = Contender("engine", backend, "graph" if graph else attention)
-                skipped.status = budget.skip_status()
-                contenders.append(skipped)
+                add(
+                    Contender("engine", backend, "graph" if graph else attention, status=budget.skip_status())
+                )
                 continue
             progress.status(f"b={b}: setting up engine {what}")
-            contenders.append(engine_contender(run, resources, backend, attention, cfg.writers))
-    for c in contenders:
-        what = f"setup {c.setup_s:.1f} s, warm-up {c.warmup_s:.1f} s" if c.status == "ok" else c.status
-        progress.status(f"b={b} {c.backend}/{c.attention}: {what}")
-    ok = [c for c in contenders if c.status == "ok"]
-    progress.start(f"b={b} timed", cfg.repeats * len(ok) * spec["num_images"])
-    timed_rounds(contenders, work / f"b{b}", cfg.repeats, device, progress, budget)
+            add(engine_contender(run, resources, backend, attention, cfg.writers))
+    ok = [c for c in contenders if c.status == "ok" and c.seconds]
+    if cfg.repeats > 1 and ok:
+        progress.start(f"b={b} timed", (cfg.repeats - 1) * len(ok) * spec["num_images"])
+        one_round = sum(c.seconds[0] for c in ok)  # what the next round will take, for the budget
+        timed_rounds(contenders, folder, cfg.repeats, device, progress, budget, first=1, last_round=one_round)
 
+    rows, urls = _batch_rows(contenders, spec, ref)
+    for row in rows:
+        line = f"{row['status']}" if row["status"] != "ok" else (
+            f"{row['images_per_s']:.3g} img/s (x{row.get('ratio_to_baseline') or 0:.2f}), "
+            f"max |diff| {row.get('max_abs_diff')}"
+        )  # fmt: skip
+        progress.status(f"b={b} {row['backend']}/{row['attention']}: {line}")
+    save(rows)
+    if cfg.profile:
+        profile_contenders(contenders, device, progress, budget)
+        for row, c in zip(rows, contenders, strict=True):
+            if c.profile is not None:
+                row["profile"] = c.profile
+    return rows, urls
+
+
+def _batch_rows(
+    contenders: list[Contender], spec: dict[str, Any], ref: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of the contenders as measured so far (pixel differences against the baseline's last
+    images, ratios to its median), and the tar paths of the first engine row that wrote shards."""
     base = contenders[0]
     ref_images = read_pngs(base.last) if base.status == "ok" and base.last else None
     rows, urls = [], []
@@ -280,24 +317,13 @@ def _bench_batch(
                 images, _ = read_tar_images(tars)
                 row["max_abs_diff"], pct = _compare(ref_images, images)
                 row["diff_pixels_pct"] = _r(pct, 4)
-        if c.name == "diffusers" and c.status == "ok":
+        if c.name == "diffusers" and c.status == "ok" and c.seconds:
             row["max_abs_diff"], row["diff_pixels_pct"] = 0, 0.0
         rows.append(row)
     base_ips = rows[0].get("images_per_s")
     for row in rows:
         if base_ips and row.get("images_per_s"):
             row["ratio_to_baseline"] = _r(row["images_per_s"] / base_ips, 4)
-        line = f"{row['status']}" if row["status"] != "ok" else (
-            f"{row['images_per_s']:.3g} img/s (x{row.get('ratio_to_baseline') or 0:.2f}), "
-            f"max |diff| {row.get('max_abs_diff')}"
-        )  # fmt: skip
-        progress.status(f"b={b} {row['backend']}/{row['attention']}: {line}")
-    if cfg.profile:  # the figures reach the files and the log first: a profiler crash cannot lose them
-        save(rows)
-        profile_contenders(contenders, device, progress, budget)
-        for row, c in zip(rows, contenders, strict=True):
-            if c.profile is not None:
-                row["profile"] = c.profile
     return rows, urls
 
 
@@ -384,8 +410,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
             "time_budget": {"seconds": cfg.time_budget_s, "left_out": budget.stopped},
         }
 
-    def save(more: list[dict[str, Any]]) -> None:
-        write_results(Path(out), result_so_far(more))
+    def save(more: list[dict[str, Any]]) -> None:  # while running: what is measured so far, no plot
+        write_results(Path(out), result_so_far(more), plot=False)
 
     with tempfile.TemporaryDirectory(prefix="tckr-bench-") as tmp:
         work = Path(tmp)
