@@ -195,3 +195,11 @@ def test_gpu_profile_counts_kernels():
     assert set(raw) == set(ref) and "region" not in raw
     for name, (us, calls) in ref.items():
         assert raw[name][1] == calls and raw[name][0] == pytest.approx(us, abs=0.01 * calls + 1e-6), name
+
+
+def test_postprocessing_cost_command_compares_both_paths():
+    from tckr_engine.bench.profile import postprocessing_cost
+
+    cost = postprocessing_cost(ops=200)
+    assert cost["ops"] == 200 and cost["same_ops_and_calls"] is True
+    assert cost["raw_events_s"] >= 0 and cost["function_events_s"] >= 0

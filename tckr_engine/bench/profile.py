@@ -251,3 +251,33 @@ def profile_line(profile: dict[str, Any], width: int = 6) -> str:
     parts = ", ".join(f"{c} {v['pct']:.0f} %" for c, v in cats)
     busy = profile.get("busy_pct")
     return (f"busy {busy:.0f} % of {profile['wall_ms'] / 1e3:.2f} s: " if busy is not None else "") + parts
+
+
+def postprocessing_cost(ops: int = 50_000) -> dict[str, Any]:
+    """Seconds to turn one profile of `ops` small CPU ops into per-op self times: the raw kineto events
+    (`raw_self_times`, what `profile_batch` does) against PyTorch's FunctionEvents (`prof.events()`, which
+    `key_averages()` also builds first), on the same profile."""
+    from torch.profiler import profile
+
+    a = torch.randn(8, 8)
+    with profile(**_profiler_kwargs(torch.device("cpu"))) as prof:
+        for _ in range(ops // 2):
+            a.add(1).mul(2)
+    t0 = time.perf_counter()
+    raw = raw_self_times(prof.profiler.kineto_results.events(), cuda=False)
+    t1 = time.perf_counter()
+    ref = event_self_times(prof.events(), cuda=False)
+    t2 = time.perf_counter()
+    return {
+        "ops": ops,
+        "raw_events_s": round(t1 - t0, 3),
+        "function_events_s": round(t2 - t1, 3),
+        "same_ops_and_calls": {k: v[1] for k, v in raw.items()} == {k: v[1] for k, v in ref.items()},
+    }
+
+
+if __name__ == "__main__":  # python -m tckr_engine.bench.profile [OPS]
+    import json
+    import sys
+
+    print(json.dumps(postprocessing_cost(int(sys.argv[1]) if len(sys.argv) > 1 else 50_000)))
