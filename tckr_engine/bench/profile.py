@@ -280,4 +280,5 @@ if __name__ == "__main__":  # python -m tckr_engine.bench.profile [OPS]
     import json
     import sys
 
-    print(json.dumps(postprocessing_cost(int(sys.argv[1]) if len(sys.argv) > 1 else 50_000)))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.info(json.dumps(postprocessing_cost(int(sys.argv[1]) if len(sys.argv) > 1 else 50_000)))
