@@ -242,6 +242,7 @@ def profile_contenders(
     """`bench --profile`: one more batch of every live contender under the PyTorch profiler, into
     `c.profile` (`bench/profile.py`); after the timed rounds, so it never touches their figures."""
     from tckr_engine.bench.profile import profile_batch
+    from tckr_engine.engine.backends import GRAPH_BACKENDS
 
     for c in contenders:
         if c.status != "ok" or c.sample is None:
@@ -255,5 +256,5 @@ def profile_contenders(
             c.profile = {"status": f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]}
             log.info("profile of %s/%s: %s", c.backend, c.attention, c.profile["status"])
             continue
-        if device.type == "cpu" and c.backend in ("onnxruntime", "tensorrt"):
+        if device.type == "cpu" and c.backend in GRAPH_BACKENDS:
             c.profile["note"] = "the graph runtime's own work is not seen among PyTorch's CPU ops"
