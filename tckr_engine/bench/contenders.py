@@ -86,6 +86,7 @@ class Contender:
     warmup_s: float | None = None
     seconds: list[float] = field(default_factory=list)
     peak_mb: list[float] = field(default_factory=list)
+    minor_faults: list[int] = field(default_factory=list)  # the process's, per timed repeat
     digests: list[str] = field(default_factory=list)
     last: Path | None = None  # output folder of the last repeat
     notes: str = ""
@@ -229,6 +230,7 @@ def timed_rounds(
                 _fail(c, e)
                 continue
             c.peak_mb.append(mem.mb)
+            c.minor_faults.append(mem.minor_faults)
             c.digests.append(_digest(folder, c.pattern))
             if c.last is not None:
                 shutil.rmtree(c.last, ignore_errors=True)

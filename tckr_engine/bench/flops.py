@@ -171,7 +171,9 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: in
 
 
 class PeakMemory:
-    """`with PeakMemory(device) as m: ...` then `m.mb` (MiB) and `m.kind` (what was measured)."""
+    """`with PeakMemory(device) as m: ...` then `m.mb` (MiB), `m.kind` (what was measured) and
+    `m.minor_faults`: the process's minor page faults in the block (pages the kernel mapped and
+    zero-filled on first touch: memory the allocator had handed back and took again; `allocator.py`)."""
 
     _CLEAR = Path("/proc/self/clear_refs")
     _STATUS = Path("/proc/self/status")
@@ -180,6 +182,8 @@ class PeakMemory:
         self.device = device
         self.mb: float | None = None
         self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "process RSS high-water"
+        self.minor_faults: int | None = None
+        self._faults0 = 0
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -190,9 +194,11 @@ class PeakMemory:
                 self._CLEAR.write_text("5")  # resets the RSS high-water mark of this process
             except OSError:
                 self.kind = "process RSS high-water since start (ru_maxrss)"
+        self._faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.minor_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self._faults0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 COLUMNS = [
     "kind", "name", "backend", "attention", "batch_size", "images", "steps", "guidance", "dtype", "status",
     "images_per_s", "images_per_s_min", "images_per_s_max", "seconds_median", "spread_pct", "repeats",
-    "ratio_to_baseline", "ms_per_step", "setup_s", "warmup_s", "peak_mem_mb", "gflops_per_image",
-    "achieved_gflops_per_s", "fraction_of_peak", "fraction_of_matmul", "max_abs_diff", "diff_pixels_pct",
+    "ratio_to_baseline", "ms_per_step", "setup_s", "warmup_s", "peak_mem_mb", "minor_faults_per_image",
+    "gflops_per_image", "achieved_gflops_per_s", "fraction_of_peak", "fraction_of_matmul", "max_abs_diff",
+    "diff_pixels_pct",
     "repeats_identical", "notes", "device", "threads", "torch", "diffusers", "git_sha",
 ]  # fmt: skip
 

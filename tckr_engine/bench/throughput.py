@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tckr_engine import allocator
 from tckr_engine.bench.baseline import read_pngs
 from tckr_engine.bench.contenders import (
     BenchProgress,
@@ -80,7 +81,9 @@ from tckr_engine.train.gkd import StudentConfig
 log = logging.getLogger(__name__)
 
 # The engine's environment switches (engine/backends.py, kernels/attention.py), recorded with every run.
-ENGINE_ENV = (CPU_ROWS_ENV, CPU_SIDE_BY_SIDE_ENV, COMPILE_BACKEND_ENV, ORT_PROVIDER_ENV, KILL_SWITCH_ENV)
+ENGINE_ENV = (
+    CPU_ROWS_ENV, CPU_SIDE_BY_SIDE_ENV, COMPILE_BACKEND_ENV, ORT_PROVIDER_ENV, KILL_SWITCH_ENV, allocator.ENV,
+)  # fmt: skip
 DEFAULT_TRAIN_BATCH = StudentConfig.batch_size  # the student trainer's default batch (`train --batch-size`)
 
 __all__ = ["BenchConfig", "BenchProgress", "format_table", "run_bench"]
@@ -221,6 +224,7 @@ def _row(c: Contender, spec: dict[str, Any], flops: dict[str, Any], ref: dict[st
         spread_pct=_r(100 * (max(c.seconds) - min(c.seconds)) / med, 2),
         ms_per_step=_r(1e3 * med / (n / b * steps), 3),
         peak_mem_mb=_r(max(c.peak_mb), 1),
+        minor_faults_per_image=round(statistics.median(c.minor_faults) / n) if c.minor_faults else None,
         gflops_per_image=_r(flops["flops_per_image"] / 1e9, 4),
         achieved_gflops_per_s=_r(achieved / 1e9, 3),
         fraction_of_peak=_r(achieved / ref["peak"], 4) if ref.get("peak") else None,
@@ -346,6 +350,7 @@ def _meta(cfg: BenchConfig, device: torch.device, dtype: str, threads: int) -> d
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": cfg.note,
         "env": {k: os.environ[k] for k in ENGINE_ENV if k in os.environ},  # A/B switches in force
+        "allocator": allocator.describe(),
     }
 
 
@@ -375,6 +380,10 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
     threads = int(cfg.threads or torch.get_num_threads())
     if device.type == "cpu":
         torch.set_num_threads(threads)
+    # The engine's rows keep freed memory (allocator.py) and leave glibc's thresholds settled: settled
+    # from the start, every repeat of the baseline runs in one malloc state, the one glibc's own adaptive
+    # thresholds climb to once the baseline's first batch has freed its large blocks.
+    allocator.settle()
     first = cfg.batch_sizes[0]
     gcfg = GenerateConfig(
         model=cfg.preset, dataset=_dataset(cfg), num_images=math.ceil(cfg.images / first) * first,

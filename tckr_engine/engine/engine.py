@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tckr_engine.allocator import keep_freed_memory
 from tckr_engine.engine.backends import GRAPH_BACKENDS, Denoiser, ParallelSlices, make_denoiser
 from tckr_engine.engine.sampler import denoise, initial_noise, make_scheduler
 from tckr_engine.engine.scheduler import Batch, BatchScheduler
@@ -65,9 +66,13 @@ class Engine:
         encoded = dict(zip(unique, self.generator.text_encoder(unique), strict=True))
         return torch.stack([encoded[p] for p in prompts])
 
-    @torch.inference_mode()
     def sample(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Generate one batch: uint8 images (B, H, W, C) and teacher logits (B, K) or None, on the device."""
+        with keep_freed_memory(self.device.type == "cpu"):  # no page faults for each step's tensors
+            return self._sample(batch)
+
+    @torch.inference_mode()
+    def _sample(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         jobs = batch.jobs
         cond = self.embed([j.prompt.text for j in jobs])  # (B, L, D)
         noise = initial_noise([j.seed for j in jobs], self.generator.latent_shape, self.device, self.dtype)
@@ -121,6 +126,12 @@ class Engine:
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         """Generate every batch of `shard_ids` into `writer`; `on_batch(n)` reports n new images."""
+        with keep_freed_memory(self.device.type == "cpu"):  # one scope for the run, not one per batch
+            self._run(shard_ids, writer, on_batch)
+
+    def _run(
+        self, shard_ids: Iterable[int], writer: ShardWriterPool, on_batch: Callable[[int], None] | None
+    ) -> None:
         for batch in self.scheduler.schedule(shard_ids):
             images, logits = self.sample(batch)
             n = batch.n_real

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tckr_engine.allocator import keep_freed_memory
 from tckr_engine.data import load_dataset
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import write_json
@@ -101,6 +102,7 @@ def _thin(fpr: Any, tpr: Any, points: int = 400) -> tuple[Any, Any]:
     return fpr[idx], tpr[idx]
 
 
+@keep_freed_memory()  # no page faults for every batch's tensors (allocator.py)
 def evaluate(
     models: dict[str, str | Path],
     teacher: str | Path,

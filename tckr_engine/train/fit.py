@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tckr_engine.allocator import keep_freed_memory
 from tckr_engine.data import ImageDataset
 from tckr_engine.errors import TckrError
 from tckr_engine.models.classifier import Classifier
@@ -96,6 +97,7 @@ def _as_tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return t.cpu()
 
 
+@keep_freed_memory()  # no page faults for every batch's tensors (allocator.py)
 def fit_classifier(
     model: Classifier,
     images: np.ndarray | torch.Tensor,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tckr_engine.allocator import keep_freed_memory
 from tckr_engine.config import check_positive
 from tckr_engine.data.captions import read_captions_per_image
 from tckr_engine.errors import TckrError
@@ -152,6 +153,7 @@ def _sample_grid(ema, gen: Generator, prompts: list[str], path: Path, seed: int,
     Image.fromarray(grid[..., 0] if ch == 1 else grid).save(path)
 
 
+@keep_freed_memory()  # no page faults for every batch's tensors (allocator.py)
 def train_scratch(
     cfg: ScratchConfig,
     out: str | Path,

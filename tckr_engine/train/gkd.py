@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from tckr_engine.allocator import keep_freed_memory
 from tckr_engine.config import check_positive
 from tckr_engine.data import ImageDataset, load_dataset, train_val_split
 from tckr_engine.engine.scheduler import sample_seed
@@ -440,6 +441,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@keep_freed_memory()  # no page faults for every batch's tensors (allocator.py)
 def train_student(
     cfg: StudentConfig,
     shards: str | Path,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tckr_engine.allocator import keep_freed_memory
 from tckr_engine.config import check_positive
 from tckr_engine.data.captions import read_captions_per_image
 from tckr_engine.errors import TckrError
@@ -239,6 +240,7 @@ def _save_lora(
     write_json(out / LORA_CONFIG, info)
 
 
+@keep_freed_memory()  # no page faults for every batch's tensors (allocator.py)
 def train_lora(
     cfg: LoraTrainConfig,
     out: str | Path,

@@ -1,0 +1,148 @@
+"""Keep freed memory in the process while the CPU runs models: glibc malloc set for PyTorch's pattern.
+
+A CPU UNet forward (or a training step) allocates and frees megabytes of activations per layer, the same
+sizes call after call. With its default settings glibc serves every block above its mmap threshold with a
+fresh `mmap` (and `munmap`s it on free), and returns the top of its heap to the kernel whenever more than
+its trim threshold lies free there; either way the next call's tensors land on pages the kernel has to
+map and zero-fill again on first touch, one minor page fault per 4 KiB. glibc raises both thresholds as
+it sees large blocks freed, but only up to 32 MiB (mmap) and 64 MiB (trim), and a sampling loop frees
+more than that between two layers. Measured on the 2-core bench machine (docs/bench/README.md, "Page
+faults"): one 32-row tiny-fmnist UNet call on one thread took ~6,000 minor faults; with both thresholds
+at 1 GiB it took none and ran ~1.2x faster, `generate` of the demo's generator went from ~10 to ~11.6
+images/s, with byte-identical shards (where memory comes from does not change the arithmetic).
+
+`keep_freed_memory()` sets both thresholds to 1 GiB for its scope (the engine's sampling on the CPU, the
+CPU trainers), so freed memory stays in the process for the next call: the resident size stays at the
+scope's peak, which it reaches anyway. glibc offers no way back to its adaptive thresholds (setting one
+ends them for the process), so on leaving the outermost scope both are set to the top of their adaptive
+range, 32 MiB and 64 MiB: at or above where a fresh process's thresholds can climb, so code that runs
+after it (the bench's diffusers baseline, say) never pays more page faults than it would have without.
+`settle()` sets that state up front (the bench calls it before its first row, so every row starts alike).
+
+Nothing is changed, and a debug line says why, when the C library is not glibc, when the user chose
+malloc settings themselves (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`, glibc
+malloc tunables in `GLIBC_TUNABLES`) or preloaded another allocator (`LD_PRELOAD`), or with
+`TCKR_KEEP_FREED_MEMORY=0` (for A/B measurements).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import logging
+import os
+import platform
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENV = "TCKR_KEEP_FREED_MEMORY"
+
+# mallopt(3) parameter numbers (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+KEEP_BYTES = 1 << 30  # within a scope: blocks up to 1 GiB from the heap, up to 1 GiB free at its top kept
+# The top of glibc's adaptive range on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX; trim follows at twice it),
+# where the thresholds are left after a scope.
+SETTLED_MMAP_BYTES = 32 << 20
+SETTLED_TRIM_BYTES = 64 << 20
+
+_USER_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+_lock = threading.Lock()
+_depth = 0  # scopes open in this process (nested or on several threads): the outermost one restores
+_state = "untouched"  # "untouched" | "kept" | "settled": for run records and the bench's JSON
+
+
+def _skip_reason() -> str | None:
+    """Why the allocator must be left alone here, or None."""
+    if os.environ.get(ENV, "1").strip() == "0":
+        return f"{ENV}=0"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "the C library is not glibc"
+    chosen = [v for v in _USER_MALLOC_ENV if v in os.environ]
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        chosen.append("GLIBC_TUNABLES")
+    if chosen:
+        return f"malloc settings chosen by the user ({', '.join(chosen)})"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return "another allocator is preloaded (LD_PRELOAD)"
+    return None
+
+
+@functools.cache
+def _libc_mallopt() -> Any:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+
+
+@functools.cache
+def _log_skip(reason: str) -> None:
+    log.debug("malloc thresholds left as they are: %s", reason)
+
+
+def _mallopt() -> Any:
+    """glibc's `mallopt`, or None (the reason logged once) when the allocator is to be left alone."""
+    reason = _skip_reason()
+    if reason is None:
+        try:
+            return _libc_mallopt()
+        except (OSError, AttributeError) as e:
+            reason = f"mallopt not found ({e})"
+    _log_skip(reason)
+    return None
+
+
+def _set(mmap_bytes: int, trim_bytes: int) -> bool:
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    # mallopt returns 1 on success; an older glibc refuses mmap thresholds above 32 MiB: keep that then
+    if not mallopt(M_MMAP_THRESHOLD, mmap_bytes):
+        mallopt(M_MMAP_THRESHOLD, SETTLED_MMAP_BYTES)
+    mallopt(M_TRIM_THRESHOLD, trim_bytes)
+    return True
+
+
+def settle() -> None:
+    """Pin glibc's thresholds at the top of their adaptive range now (no-op where it is left alone)."""
+    global _state
+    with _lock:
+        if _depth == 0 and _set(SETTLED_MMAP_BYTES, SETTLED_TRIM_BYTES):
+            _state = "settled"
+
+
+@contextlib.contextmanager
+def keep_freed_memory(enabled: bool = True) -> Iterator[None]:
+    """Within: freed memory stays in the process (see the module doc); `enabled=False` does nothing
+    (callers pass `device.type == "cpu"`)."""
+    global _depth, _state
+    if not enabled:
+        yield
+        return
+    with _lock:
+        _depth += 1
+        if _depth == 1 and _set(KEEP_BYTES, KEEP_BYTES):
+            _state = "kept"
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _state == "kept" and _set(SETTLED_MMAP_BYTES, SETTLED_TRIM_BYTES):
+                _state = "settled"
+
+
+def describe() -> dict[str, Any]:
+    """What this process did to the allocator, for run records and bench results."""
+    reason = _skip_reason()
+    return {
+        "keep_freed_memory": reason is None,
+        "reason": reason or "glibc mallopt: 1 GiB mmap and trim thresholds while models run on the CPU",
+        "state": _state,
+    }

@@ -1,0 +1,139 @@
+"""A/B of `allocator.keep_freed_memory`: whole CLI commands with it on and off, alternated.
+
+Each round runs, in fresh processes (a process's malloc state is what is being compared, so the two sides
+cannot share one), `tckr-engine generate` of the demo's embedded Fashion-MNIST generator and then
+`tckr-engine train` of a student on those shards, once with `TCKR_KEEP_FREED_MEMORY=1` (the default) and
+once with `=0`, alternating which goes first. Per command: wall seconds, the child's minor page faults
+(`getrusage(RUSAGE_CHILDREN)`), the shards' sha256 (generate) or the student's test accuracy
+(train): the setting must change neither.
+
+    python -m tckr_engine.bench.allocator_ab --out docs/bench/allocator/ab.json      # ~8 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tckr_engine.allocator import ENV
+from tckr_engine.bench.kernels import git_sha
+from tckr_engine.engine.spec import versions
+
+log = logging.getLogger(__name__)
+
+
+def _children() -> int:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
+
+
+def timed_command(args: list[str], keep: bool) -> dict[str, Any]:
+    """Run `tckr-engine ARGS` with the allocator setting on or off; wall s, minor faults, exit status."""
+    env = {**os.environ, ENV: "1" if keep else "0"}
+    faults0 = _children()
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tckr_engine.cli", *args], env=env, capture_output=True, text=True, check=False
+    )
+    seconds = time.perf_counter() - t0
+    faults1 = _children()
+    if proc.returncode != 0:
+        raise RuntimeError(f"tckr-engine {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return {"seconds": round(seconds, 2), "minor_faults": faults1 - faults0}
+
+
+def shards_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for tar in sorted((folder / "shards").glob("*.tar")):
+        h.update(tar.read_bytes())
+    return h.hexdigest()
+
+
+def run_ab(work: Path, rounds: int, images: int, epochs: int, threads: int) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    for r in range(rounds):
+        for keep in (True, False) if r % 2 == 0 else (False, True):
+            gen = work / f"gen-{r}-{int(keep)}"
+            shutil.rmtree(gen, ignore_errors=True)
+            g = timed_command(
+                ["generate", "--shards", str(gen), "--model", "fmnist", "--dataset", "fashion-mnist",
+                 "--num-images", str(images), "--batch-size", "100", "--steps", "20", "--guidance", "2",
+                 "--threads", str(threads)],
+                keep,
+            )  # fmt: skip
+            g.update(command="generate", keep=keep, round=r, shards_sha256=shards_digest(gen))
+            g["images_per_s"] = round(images / g["seconds"], 3)  # model loading included
+            log.info("%s", g)
+            student = work / f"student-{r}-{int(keep)}"
+            t = timed_command(
+                ["train", "--shards", str(gen), "--out", str(student), "--labels", "hard",
+                 "--epochs", str(epochs), "--threads", str(threads), "--overwrite"],
+                keep,
+            )  # fmt: skip
+            metrics = json.loads((student / "metrics.json").read_text())
+            t.update(command="train", keep=keep, round=r, test_acc=metrics.get("test_accuracy"))
+            log.info("%s", t)
+            runs += [g, t]
+
+    def median(command: str, keep: bool, key: str) -> float:
+        return statistics.median(x[key] for x in runs if x["command"] == command and x["keep"] is keep)
+
+    summary = {
+        command: {
+            "seconds_keep": median(command, True, "seconds"),
+            "seconds_default": median(command, False, "seconds"),
+            "speedup": round(median(command, False, "seconds") / median(command, True, "seconds"), 3),
+            "minor_faults_keep": median(command, True, "minor_faults"),
+            "minor_faults_default": median(command, False, "minor_faults"),
+        }
+        for command in ("generate", "train")
+    }
+    identical = len({x["shards_sha256"] for x in runs if x["command"] == "generate"}) == 1
+    same_acc = len({x["test_acc"] for x in runs if x["command"] == "train"}) == 1
+    return {
+        "runs": runs,
+        "summary": summary,
+        "shards_identical": identical,
+        "student_test_acc_identical": same_acc,
+        "config": {"rounds": rounds, "images": images, "epochs": epochs, "threads": threads},
+        "meta": {
+            "platform": platform.platform(),
+            "libc": list(platform.libc_ver()),
+            "cpu_count": os.cpu_count(),
+            "versions": versions(),
+            "git_sha": git_sha(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="generate + train with and without keep_freed_memory.")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results.")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tckr-allocator-ab"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = run_ab(args.work, args.rounds, args.images, args.epochs, args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    log.info("summary: %s", json.dumps(result["summary"]))
+
+
+if __name__ == "__main__":
+    main()
