@@ -88,7 +88,8 @@ def run_ab(work: Path, rounds: int, images: int, epochs: int, threads: int) -> d
             runs += [g, t]
 
     def median(command: str, keep: bool, key: str) -> float:
-        return round(statistics.median(x[key] for x in runs if x["command"] == command and x["keep"] is keep), 3)
+        values = [x[key] for x in runs if x["command"] == command and x["keep"] is keep]
+        return round(statistics.median(values), 3)
 
     summary = {
         command: {
