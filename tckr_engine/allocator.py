@@ -5,18 +5,20 @@ sizes call after call. With its default settings glibc serves every block above 
 fresh `mmap` (and `munmap`s it on free), and returns the top of its heap to the kernel whenever more than
 its trim threshold lies free there; either way the next call's tensors land on pages the kernel has to
 map and zero-fill again on first touch, one minor page fault per 4 KiB. glibc raises both thresholds as
-it sees large blocks freed, but only up to 32 MiB (mmap) and 64 MiB (trim), and a sampling loop frees
-more than that between two layers. Measured on the 2-core bench machine (docs/bench/README.md, "Page
-faults"): one 32-row tiny-fmnist UNet call on one thread took ~6,000 minor faults; with both thresholds
-at 1 GiB it took none and ran ~1.2x faster, `generate` of the demo's generator went from ~10 to ~11.6
-images/s, with byte-identical shards (where memory comes from does not change the arithmetic).
+it sees large blocks freed, but only up to 32 MiB (mmap) and 64 MiB (trim), below what a sampling loop or
+a training step frees between two of its layers. Measured on the 2-core bench machine in fresh processes
+(`python -m tckr_engine.bench.allocator_ab`, docs/bench/README.md "The engine and the trainers keep the
+memory they free"): `generate` of 400 images 1.11x faster (2.7 M minor faults -> 0.15 M), a 4-epoch
+student 1.52x (15.2 M -> 0.35 M), byte-identical shards and the same test accuracy (where memory comes
+from does not change the arithmetic).
 
-`keep_freed_memory()` sets both thresholds to 1 GiB for its scope (the engine's sampling on the CPU, the
-CPU trainers), so freed memory stays in the process for the next call: the resident size stays at the
-scope's peak, which it reaches anyway. glibc offers no way back to its adaptive thresholds (setting one
-ends them for the process), so on leaving the outermost scope both are set to the top of their adaptive
-range, 32 MiB and 64 MiB: at or above where a fresh process's thresholds can climb, so code that runs
-after it (the bench's diffusers baseline, say) never pays more page faults than it would have without.
+`keep_freed_memory()` sets both thresholds to 1 GiB for its scope (the engine's sampling on the CPU; the
+trainers and `evaluate` on any device, their host-side batches churn memory too), so freed memory stays
+in the process for the next call: the resident size stays at the scope's peak, which it reaches anyway.
+glibc offers no way back to its adaptive thresholds (setting one ends them for the process), so on
+leaving the outermost scope both are set to the top of their adaptive range, 32 MiB and 64 MiB: at or
+above where a fresh process's thresholds can climb, so code that runs after it (the bench's diffusers
+baseline, say) gets no more page faults from them than glibc's own thresholds would give it.
 `settle()` sets that state up front (the bench calls it before its first row, so every row starts alike).
 
 Nothing is changed, and a debug line says why, when the C library is not glibc, when the user chose

@@ -4,8 +4,8 @@ Each round runs, in fresh processes (a process's malloc state is what is being c
 cannot share one), `tckr-engine generate` of the demo's embedded Fashion-MNIST generator and then
 `tckr-engine train` of a student on those shards, once with `TCKR_KEEP_FREED_MEMORY=1` (the default) and
 once with `=0`, alternating which goes first. Per command: wall seconds, the child's minor page faults
-(`getrusage(RUSAGE_CHILDREN)`), the shards' sha256 (generate) or the student's test accuracy
-(train): the setting must change neither.
+and peak resident size (its own `rusage`, from `os.wait4`), the shards' sha256 (generate) or the
+student's test accuracy (train): the setting must change neither.
 
     python -m tckr_engine.bench.allocator_ab --out docs/bench/allocator/ab.json      # ~8 min on 2 cores
 """
@@ -18,11 +18,11 @@ import json
 import logging
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,23 +35,27 @@ from tckr_engine.engine.spec import versions
 log = logging.getLogger(__name__)
 
 
-def _children() -> int:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
-
-
 def timed_command(args: list[str], keep: bool) -> dict[str, Any]:
-    """Run `tckr-engine ARGS` with the allocator setting on or off; wall s, minor faults, exit status."""
+    """Run `tckr-engine ARGS` with the allocator setting on or off: wall seconds, and from the child's own
+    resource usage (`os.wait4`) its minor page faults and peak resident size."""
     env = {**os.environ, ENV: "1" if keep else "0"}
-    faults0 = _children()
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "tckr_engine.cli", *args], env=env, capture_output=True, text=True, check=False
-    )
-    seconds = time.perf_counter() - t0
-    faults1 = _children()
-    if proc.returncode != 0:
-        raise RuntimeError(f"tckr-engine {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return {"seconds": round(seconds, 2), "minor_faults": faults1 - faults0}
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tckr_engine.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        if proc.returncode != 0:
+            err.seek(0)
+            tail = err.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"tckr-engine {' '.join(args)} failed:\n{tail}")
+    return {
+        "seconds": round(seconds, 2),
+        "minor_faults": usage.ru_minflt,
+        "max_rss_mb": round(usage.ru_maxrss / 1024),  # KiB on Linux
+    }
 
 
 def shards_digest(folder: Path) -> str:
@@ -98,6 +102,8 @@ def run_ab(work: Path, rounds: int, images: int, epochs: int, threads: int) -> d
             "speedup": round(median(command, False, "seconds") / median(command, True, "seconds"), 3),
             "minor_faults_keep": median(command, True, "minor_faults"),
             "minor_faults_default": median(command, False, "minor_faults"),
+            "max_rss_mb_keep": median(command, True, "max_rss_mb"),
+            "max_rss_mb_default": median(command, False, "max_rss_mb"),
         }
         for command in ("generate", "train")
     }
