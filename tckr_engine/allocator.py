@@ -8,13 +8,15 @@ map and zero-fill again on first touch, one minor page fault per 4 KiB. glibc ra
 it sees large blocks freed, but only up to 32 MiB (mmap) and 64 MiB (trim), below what a sampling loop or
 a training step frees between two of its layers. Measured on the 2-core bench machine in fresh processes
 (`python -m tckr_engine.bench.allocator_ab`, docs/bench/README.md "The engine and the trainers keep the
-memory they free"): `generate` of 400 images 1.11x faster (2.7 M minor faults -> 0.15 M), a 4-epoch
-student 1.52x (15.2 M -> 0.35 M), byte-identical shards and the same test accuracy (where memory comes
-from does not change the arithmetic).
+memory they free"): `generate` of 400 images 1.09-1.11x faster (2.6 M minor faults -> 0.15 M), a 4-epoch
+student 1.43-1.52x (13-15 M -> 0.35 M), byte-identical shards and the same test accuracy (where memory
+comes from does not change the arithmetic). The price is resident memory: what is freed stays in the
+process and is not always what the next, differently sized request can use (the student's peak RSS 1.12
+-> 1.46 GB, generate's 0.72 -> 0.73 GB).
 
 `keep_freed_memory()` sets both thresholds to 1 GiB for its scope (the engine's sampling on the CPU; the
 trainers and `evaluate` on any device, their host-side batches churn memory too), so freed memory stays
-in the process for the next call: the resident size stays at the scope's peak, which it reaches anyway.
+in the process for the next call.
 glibc offers no way back to its adaptive thresholds (setting one ends them for the process), so on
 leaving the outermost scope both are set to the top of their adaptive range, 32 MiB and 64 MiB: at or
 above where a fresh process's thresholds can climb, so code that runs after it (the bench's diffusers
