@@ -11,8 +11,8 @@ a training step frees between two of its layers. Measured on the 2-core bench ma
 memory they free"): `generate` of 400 images 1.09-1.11x faster (2.6 M minor faults -> 0.15 M), a 4-epoch
 student 1.43-1.52x (13-15 M -> 0.35 M), byte-identical shards and the same test accuracy (where memory
 comes from does not change the arithmetic). The price is resident memory: what is freed stays in the
-process and is not always what the next, differently sized request can use (the student's peak RSS 1.12
--> 1.46 GB, generate's 0.72 -> 0.73 GB).
+process and is not always what the next, differently sized request can use (the student's peak RSS
+1.14-1.47 GB against 1.08-1.16 GB without, varying by run; generate's 0.72 -> 0.73 GB).
 
 `keep_freed_memory()` sets both thresholds to 1 GiB for its scope (the engine's sampling on the CPU; the
 trainers and `evaluate` on any device, their host-side batches churn memory too), so freed memory stays
