@@ -13,7 +13,6 @@ student's test accuracy (train): the setting must change neither.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tckr_engine.allocator import ENV
+from tckr_engine.bench.contenders import files_digest
 from tckr_engine.bench.kernels import git_sha
 from tckr_engine.engine.spec import versions
 
@@ -58,13 +58,6 @@ def timed_command(args: list[str], keep: bool) -> dict[str, Any]:
     }
 
 
-def shards_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for tar in sorted((folder / "shards").glob("*.tar")):
-        h.update(tar.read_bytes())
-    return h.hexdigest()
-
-
 def run_ab(work: Path, rounds: int, images: int, epochs: int, threads: int) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for r in range(rounds):
@@ -77,7 +70,8 @@ def run_ab(work: Path, rounds: int, images: int, epochs: int, threads: int) -> d
                  "--threads", str(threads)],
                 keep,
             )  # fmt: skip
-            g.update(command="generate", keep=keep, round=r, shards_sha256=shards_digest(gen))
+            shards = files_digest(gen / "shards", "*.tar")
+            g.update(command="generate", keep=keep, round=r, shards_sha256=shards)
             g["images_per_s"] = round(images / g["seconds"], 3)  # model loading included
             log.info("%s", g)
             student = work / f"student-{r}-{int(keep)}"

@@ -66,7 +66,8 @@ class Budget:
         return f"skipped: the --time-budget of {self.seconds:g} s was spent before this row"
 
 
-def _digest(folder: Path, pattern: str) -> str:
+def files_digest(folder: Path, pattern: str) -> str:
+    """sha256 over the names and bytes of the files under `folder` matching `pattern`, in path order."""
     h = hashlib.sha256()
     for path in sorted(folder.rglob(pattern)):
         h.update(path.name.encode())
@@ -231,7 +232,7 @@ def timed_rounds(
                 continue
             c.peak_mb.append(mem.mb)
             c.minor_faults.append(mem.minor_faults)
-            c.digests.append(_digest(folder, c.pattern))
+            c.digests.append(files_digest(folder, c.pattern))
             if c.last is not None:
                 shutil.rmtree(c.last, ignore_errors=True)
             c.last = folder

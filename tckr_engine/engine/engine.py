@@ -127,16 +127,11 @@ class Engine:
     ) -> None:
         """Generate every batch of `shard_ids` into `writer`; `on_batch(n)` reports n new images."""
         with keep_freed_memory(self.device.type == "cpu"):  # one scope for the run, not one per batch
-            self._run(shard_ids, writer, on_batch)
-
-    def _run(
-        self, shard_ids: Iterable[int], writer: ShardWriterPool, on_batch: Callable[[int], None] | None
-    ) -> None:
-        for batch in self.scheduler.schedule(shard_ids):
-            images, logits = self.sample(batch)
-            n = batch.n_real
-            host_images = images[:n].cpu().numpy()
-            host_logits = logits[:n].cpu().numpy().astype(np.float16) if logits is not None else None
-            writer.submit(batch, host_images, self.metadata(batch), host_logits)
-            if on_batch is not None:
-                on_batch(n)
+            for batch in self.scheduler.schedule(shard_ids):
+                images, logits = self.sample(batch)
+                n = batch.n_real
+                host_images = images[:n].cpu().numpy()
+                host_logits = logits[:n].cpu().numpy().astype(np.float16) if logits is not None else None
+                writer.submit(batch, host_images, self.metadata(batch), host_logits)
+                if on_batch is not None:
+                    on_batch(n)
