@@ -42,6 +42,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from tckr_engine.errors import TckrError
+
 log = logging.getLogger(__name__)
 
 ENV = "TCKR_KEEP_FREED_MEMORY"
@@ -65,7 +67,10 @@ _state = "untouched"  # "untouched" | "kept" | "settled": for run records and th
 
 def _skip_reason() -> str | None:
     """Why the allocator must be left alone here, or None."""
-    if os.environ.get(ENV, "1").strip() == "0":
+    switch = os.environ.get(ENV, "1").strip() or "1"
+    if switch not in ("0", "1"):
+        raise TckrError(f"{ENV} must be 0 or 1, got {switch!r}")
+    if switch == "0":
         return f"{ENV}=0"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "the C library is not glibc"
@@ -129,6 +134,7 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
+    _skip_reason()  # a bad switch value fails here, before the scope is counted
     with _lock:
         _depth += 1
         if _depth == 1 and _set(KEEP_BYTES, KEEP_BYTES):

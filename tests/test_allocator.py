@@ -164,3 +164,12 @@ def test_the_ab_script_runs_a_command_under_each_setting_and_reports_its_failure
     assert run["seconds"] > 0 and run["minor_faults"] > 0 and run["max_rss_mb"] > 0  # its own rusage
     with pytest.raises(RuntimeError, match="generate"):
         timed_command(["generate", "--shards", "/nonexistent/x", "--model", "no-such-model"], keep=True)
+
+
+def test_a_bad_switch_value_is_one_clear_error(monkeypatch, calls):
+    from tckr_engine.errors import TckrError
+
+    monkeypatch.setenv(allocator.ENV, "yes")
+    with pytest.raises(TckrError, match=f"{allocator.ENV} must be 0 or 1, got 'yes'"), keep_freed_memory():
+        pass
+    assert calls == [] and allocator._depth == 0
