@@ -39,7 +39,7 @@ data:
 	  echo "warning: could not install dataset-fashion-mnist; tests that need it are skipped"; \
 	else echo "warning: no apt-get; set TCKR_FASHION_MNIST_DIR to a folder of Fashion-MNIST IDX files"; fi
 
-# The whole pipeline at CPU scale (caption -> teacher -> generate -> GKD student -> LiRA -> report), ~17 min on
+# The whole pipeline at CPU scale (caption -> teacher -> generate -> GKD student -> LiRA -> report), ~10 min on
 # 2 cores; prints the report's path and its headline table. A rerun skips the stages that are up to date.
 demo: setup data
 	$(VENV)/bin/tckr-engine run configs/fashion-mnist-cpu.toml --out $(DEMO_OUT)
