@@ -211,6 +211,7 @@ def train_shadows(
                 torch.manual_seed(seed)
                 model = Classifier(cfg.arch, len(challenge.classes), c, h, challenge.classes, **arch_kwargs)
             train_idx = np.flatnonzero(masks[k])  # (~M,)
+            t_fit = time.perf_counter()
             history = fit_classifier(
                 model,
                 challenge.images[train_idx],
@@ -225,9 +226,11 @@ def train_shadows(
                 seed=seed,
                 device=device,
             )
+            t_score = time.perf_counter()
             scores = lira_score(
                 log_probs(model, challenge.images, views, cfg.eval_batch_size), challenge.labels
             )
+            t_done = time.perf_counter()
             tmp = out / f".{final.name}.tmp"
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -237,9 +240,13 @@ def train_shadows(
                 shutil.rmtree(final)
             os.replace(tmp, final)  # the folder appears complete or not at all
             trained += 1
+            # training and scoring apart: scoring every pool image in all its views costs about as much
+            # as a shadow's training on small pools (the demo's: 500 images, 10 epochs, 10 views of 1,000)
             log.info(
-                "shadow %d/%d: %d images, train acc %.3f (%.0f s so far)",
-                k + 1, k_total, len(train_idx), history[-1]["train_accuracy"], time.perf_counter() - t0,
+                "shadow %d/%d: %d images, train acc %.3f, %.1f s training + %.1f s scoring %d views of %d "
+                "images (%.0f s so far)",
+                k + 1, k_total, len(train_idx), history[-1]["train_accuracy"], t_score - t_fit,
+                t_done - t_score, len(views), n, time.perf_counter() - t0,
             )  # fmt: skip
         if progress is not None:
             progress(k + 1, k_total)
