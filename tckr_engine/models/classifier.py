@@ -150,6 +150,17 @@ def _timm_net(
         raise TckrError(f"cannot build {TIMM_PREFIX}{name}: {first}") from None
 
 
+def check_arch(arch: str, width: int | None = None, init_weights: str | None = None) -> None:
+    """One-line TckrError unless `arch` names a registered or `timm:` architecture that takes the given
+    options (`width`: registered ones only; `init_weights`: timm ones only); for configs, before a build."""
+    if arch not in ARCHS and not (arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX)):
+        raise TckrError(f"unknown classifier architecture {arch!r}; choose one of {ARCH_HELP}")
+    if width is not None and arch not in ARCHS:
+        raise TckrError(f"width applies to {', '.join(ARCHS)} only, not {arch}")
+    if init_weights is not None and arch in ARCHS:
+        raise TckrError(f"init_weights applies to {TIMM_PREFIX}<name> classifiers only, not {arch}")
+
+
 def build_network(
     arch: str, in_channels: int, num_classes: int, init_weights: str | None = None, **arch_kwargs: Any
 ) -> nn.Module:

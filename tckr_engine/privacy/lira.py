@@ -38,8 +38,9 @@ from tckr_engine.config import check_positive, check_training_device
 from tckr_engine.data import load_dataset, train_val_split
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import write_json
-from tckr_engine.models.classifier import ARCH_HELP, ARCHS, TIMM_PREFIX, Classifier, load_classifier
+from tckr_engine.models.classifier import Classifier, load_classifier
 from tckr_engine.privacy.metrics import LOW_FPRS, plot_roc, roc, summarize
+from tckr_engine.train.fit import check_recipe
 
 if TYPE_CHECKING:
     from tckr_engine.privacy.shadows import Shadows
@@ -91,31 +92,13 @@ class LiraConfig:
                 f"num_shadows must be an even number >= 4 (each example is IN for exactly half of them and "
                 f"online LiRA needs >= 2 IN and OUT scores), got {self.num_shadows}"
             )
-        for name in ("threads", "width"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise TckrError(f"{name} must be a positive integer or unset, got {value!r}")
-        if self.shift is not None and (not isinstance(self.shift, int) or not 0 <= self.shift <= 16):
-            raise TckrError(f"shift must be an integer in 0..16 (pixels) or unset, got {self.shift!r}")
-        if not 0 < self.lr < 1:
-            raise TckrError(f"lr must be in (0, 1), got {self.lr}")
-        if not 0 <= self.weight_decay < 1:
-            raise TckrError(f"weight_decay must be in [0, 1), got {self.weight_decay}")
-        if not 0 <= self.label_smoothing < 1:
-            raise TckrError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check_recipe(self)  # the attacked model's recipe: the teacher's checks
         if not 0 <= self.val_fraction < 1:
             raise TckrError(f"val_fraction must be in [0, 1) (the teacher's), got {self.val_fraction}")
         for name in ("seed", "split_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TckrError(f"{name} must be a non-negative integer, got {value!r}")
-        is_timm = self.arch.startswith(TIMM_PREFIX) and len(self.arch) > len(TIMM_PREFIX)
-        if self.arch not in ARCHS and not is_timm:
-            raise TckrError(f"unknown classifier architecture {self.arch!r}; choose one of {ARCH_HELP}")
-        if self.width is not None and is_timm:
-            raise TckrError(f"width applies to {', '.join(ARCHS)} only, not {self.arch}")
-        if self.init_weights is not None and not is_timm:
-            raise TckrError(f"init_weights applies to {TIMM_PREFIX}<name> classifiers only, not {self.arch}")
         check_training_device(self.device)
         return self
 

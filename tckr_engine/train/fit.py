@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tckr_engine.allocator import keep_freed_memory
 from tckr_engine.data import ImageDataset
 from tckr_engine.errors import TckrError
-from tckr_engine.models.classifier import Classifier
+from tckr_engine.models.classifier import Classifier, check_arch
 
 # (done steps, total steps, running train loss, running train accuracy) after every optimiser step.
 Progress = Callable[[int, int, float, float], None]
@@ -27,6 +27,25 @@ Progress = Callable[[int, int, float, float], None]
 OnEpoch = Callable[[int, Classifier, dict[str, Any]], None]
 
 NOT_MIRROR_SAFE = ("digits",)  # datasets whose classes change under a horizontal flip (2 vs 5, ...)
+
+
+def check_recipe(cfg: Any) -> None:
+    """The checks of a config that trains classifiers with `fit_classifier` (`TeacherConfig`, and
+    `LiraConfig`, whose shadows train as the attacked model did): `arch`, `width`, `init_weights`,
+    `threads`, `shift`, `lr`, `weight_decay`, `label_smoothing`. One-line TckrError on the first bad one."""
+    for name in ("threads", "width"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise TckrError(f"{name} must be a positive integer or unset, got {value!r}")
+    if cfg.shift is not None and (not isinstance(cfg.shift, int) or not 0 <= cfg.shift <= 16):
+        raise TckrError(f"shift must be an integer in 0..16 (pixels) or unset, got {cfg.shift!r}")
+    if not 0 < cfg.lr < 1:
+        raise TckrError(f"lr must be in (0, 1), got {cfg.lr}")
+    if not 0 <= cfg.weight_decay < 1:
+        raise TckrError(f"weight_decay must be in [0, 1), got {cfg.weight_decay}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise TckrError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    check_arch(cfg.arch, cfg.width, cfg.init_weights)
 
 
 def auto_shift(image_size: int) -> int:

@@ -27,11 +27,8 @@ from tckr_engine.data import load_dataset, train_val_split
 from tckr_engine.errors import TckrError
 from tckr_engine.fsutil import write_json
 from tckr_engine.models.classifier import (
-    ARCH_HELP,
-    ARCHS,
     RUN_LOG_NAME,
     RUN_METRICS_NAME,
-    TIMM_PREFIX,
     Classifier,
     count_parameters,
     load_classifier,
@@ -41,6 +38,7 @@ from tckr_engine.train.fit import (
     Progress,
     auto_hflip,
     auto_shift,
+    check_recipe,
     evaluate_accuracy,
     fit_classifier,
     predict,
@@ -82,32 +80,13 @@ class TeacherConfig:
         """Check every field; raise a one-line TckrError naming the first bad one. Returns self."""
         for name in ("epochs", "batch_size", "eval_batch_size"):
             check_positive(name, getattr(self, name))
-        for name in ("threads", "width"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise TckrError(f"{name} must be a positive integer or unset, got {value!r}")
-        if self.shift is not None and (not isinstance(self.shift, int) or not 0 <= self.shift <= 16):
-            raise TckrError(f"shift must be an integer in 0..16 (pixels) or unset, got {self.shift!r}")
-        if not 0 < self.lr < 1:
-            raise TckrError(f"lr must be in (0, 1), got {self.lr}")
-        if not 0 <= self.weight_decay < 1:
-            raise TckrError(f"weight_decay must be in [0, 1), got {self.weight_decay}")
-        if not 0 <= self.label_smoothing < 1:
-            raise TckrError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check_recipe(self)
         if not 0 < self.val_fraction < 1:
             raise TckrError(
                 f"val_fraction must be in (0, 1): the best epoch is chosen on it, got {self.val_fraction}"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise TckrError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.arch not in ARCHS and not (
-            self.arch.startswith(TIMM_PREFIX) and len(self.arch) > len(TIMM_PREFIX)
-        ):
-            raise TckrError(f"unknown classifier architecture {self.arch!r}; choose one of {ARCH_HELP}")
-        if self.width is not None and self.arch not in ARCHS:
-            raise TckrError(f"width applies to {', '.join(ARCHS)} only, not {self.arch}")
-        if self.init_weights is not None and self.arch in ARCHS:
-            raise TckrError(f"init_weights applies to {TIMM_PREFIX}<name> classifiers only, not {self.arch}")
         check_training_device(self.device)
         return self
 
