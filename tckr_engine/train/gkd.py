@@ -57,6 +57,7 @@ from tckr_engine.models.classifier import (
     save_classifier,
 )
 from tckr_engine.synth.bss import BSSConfig, bss_schedule
+from tckr_engine.train.fit import cosine_lambda, evaluate_accuracy, random_shift_flip
 from tckr_engine.train.losses import BSSBatch, batch_loss, batch_targets
 from tckr_engine.train.shard_folders import (
     REGEN_DIR,
@@ -75,7 +76,7 @@ from tckr_engine.train.stream import (
     loader_note,
     shard_loader,
 )
-from tckr_engine.train.teacher import TeacherConfig, evaluate_accuracy, random_shift_flip
+from tckr_engine.train.teacher import TeacherConfig
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,6 @@ class StudentConfig:
             beta_start=self.bss_beta,
             candidates=max(self.bss_attack_size, BSSConfig.candidates),
         ).validate()
-
-
-def _lr_lambda(total_steps: int) -> Callable[[int], float]:
-    def f(step: int) -> float:  # cosine from 1 to 0 over the whole run, per optimiser step
-        return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
-
-    return f
 
 
 def _identity(cfg: StudentConfig, pool: ShardFolder) -> dict[str, Any]:
@@ -336,7 +330,7 @@ def _fit(
         for e in range(1, cfg.epochs + 1)
     )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total))  # per optimiser step, whole run
     state: dict[str, Any] = {"epoch": 0, "done": 0, "best_epoch": 0, "best_acc": -1.0, "val_acc": []}
     state |= {"train_samples": 0, "train_seconds": 0.0, "steps": total}
     if ckpt is not None:
