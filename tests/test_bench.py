@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tckr_engine.bench.flops import PeakMemory, device_peak, generation_flops, unet_flops
+from tckr_engine.bench.results import format_markdown
 from tckr_engine.bench.throughput import BenchConfig, format_table, run_bench
 from tckr_engine.errors import TckrError
 from tckr_engine.models.generator import build_preset
@@ -67,6 +68,15 @@ def test_cli_bench_writes_results_and_engine_matches_baseline(cli, tmp_path):
     with stem.with_suffix(".csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(result["rows"]) and all(r["git_sha"] == meta["git_sha"] for r in table)
+
+    # the targets are judged on the run, and not for tiny-digits: the CPU target is set at tiny-fmnist
+    cpu_target, stream_target = result["targets"]
+    assert cpu_target["met"] is None and "not tiny-fmnist" in cpu_target["why"]
+    assert stream_target["met"] is None and "shown for reference" in stream_target["why"]
+    assert "target: best backend with identical images" in res.out
+    page = format_markdown(result)  # the page for docs/bench names every measured row
+    assert all(f"| b8 {k[1]}/{k[2]} |" in page for k in [("", "torch", "sdpa"), ("", "onnxruntime", "graph")])
+    assert "- b8 tensorrt/graph: skipped: " in page and "| trainer-stream | " in page
 
 
 def test_stable_diffusion_pipeline_baseline_matches_engine(tiny_sd, tmp_path):

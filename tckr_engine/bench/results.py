@@ -1,4 +1,5 @@
-"""Benchmark output: CSV + JSON + bar plot into the output folder, and the short terminal table.
+"""Benchmark output: CSV + JSON + bar plot into the output folder, the short terminal table, and a
+markdown page of a result file for docs/bench (`python -m tckr_engine.bench.results FILE.json`).
 
 File names carry the model and the device type (`throughput-<model>-<cpu|cuda>.{csv,json,png}`), so CPU
 and GPU results of several models live side by side in `docs/bench/`.
@@ -10,10 +11,12 @@ import csv
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from tckr_engine.bench.profile import profile_line
+from tckr_engine.bench.targets import check_targets, format_check
 from tckr_engine.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
@@ -174,4 +177,102 @@ def format_table(result: dict[str, Any]) -> str:
     budget = result.get("time_budget") or {}
     if budget.get("left_out"):
         lines.append(f"--time-budget {budget['seconds']:g} s left out: {'; '.join(budget['left_out'])}"[:400])
+    lines += [f"target: {format_check(c)}" for c in check_targets(result)]
     return "\n".join(lines)
+
+
+def _cell(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def format_markdown(result: dict[str, Any], source: str = "") -> str:
+    """A result as a markdown page: the run (device, versions, git sha, settings), every row, the profile
+    of each row when the run had `--profile`, and the targets; `source` names the JSON file it came from."""
+    meta, cfg, mm = result["meta"], result["config"], result.get("matmul") or {}
+    flops = result.get("flops") or {}
+    v = meta["versions"]
+    peak = result.get("device_peak_flops")
+    lines = [
+        f"# `tckr-engine bench`: {cfg['preset']} on {meta['device']}",
+        "",
+        f"git {meta['git_sha']}, started {meta['started']}; torch {v.get('torch')}, diffusers "
+        f"{v.get('diffusers')}, onnxruntime {v.get('onnxruntime')}, triton {v.get('triton')}, tensorrt "
+        f"{v.get('tensorrt')}; Python {meta['python']} on {meta['platform']}"
+        + (f"; note: {meta['note']}" if meta.get("note") else ""),
+        "",
+        f"{meta['dtype']}, {meta['threads']} threads, batch sizes {cfg['batch_sizes']}, {cfg['images']} "
+        "images, "
+        f"{cfg['steps']} {cfg['sampler']} steps, guidance {cfg['guidance']:g}, {cfg['repeats']} repeats; "
+        f"{flops.get('flops_per_image', 0) / 1e9:.2f} GFLOP per image; measured {mm.get('dtype')} matmul "
+        f"{mm.get('tflops', 0) * 1e3:.1f} GFLOP/s"
+        + (f", table peak {peak / 1e12:.0f} TFLOP/s" if peak else "")
+        + (f" (from `{source}`)" if source else ""),
+        "",
+        "| row | img/s (min–max) | × baseline | ms/step | GFLOP/s | % of device peak (of matmul) | peak MB | "
+        "minor faults / image | max\\|d\\| | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    skipped = []
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            skipped.append(f"- {_label(r)}: {r['status']}")
+            continue
+        unit = " samples/s" if r["kind"] == "train" else ""
+        span = (
+            f" ({r['images_per_s_min']:.3g}–{r['images_per_s_max']:.3g})" if r.get("images_per_s_min") else ""
+        )
+        frac = r.get("fraction_of_peak")
+        frac_cell = _cell(None if frac is None else 100 * frac, ".1f")
+        if frac is None and r.get("fraction_of_matmul") is not None:
+            frac_cell = f"({100 * r['fraction_of_matmul']:.1f})"
+        cells = [
+            _label(r),
+            f"{r['images_per_s']:.3g}{unit}{span}",
+            _cell(r.get("ratio_to_baseline"), ".2f"),
+            _cell(r.get("ms_per_step"), ".1f"),
+            _cell(r.get("achieved_gflops_per_s"), ".1f"),
+            frac_cell,
+            _cell(r.get("peak_mem_mb"), ".0f"),
+            _cell(r.get("minor_faults_per_image"), ",d"),
+            _cell(r.get("max_abs_diff"), "d"),
+            (r.get("notes") or "").replace("|", "/"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", "Not measured:", *skipped]
+    profiled = [r for r in result["rows"] if r.get("profile")]
+    if profiled:
+        lines += ["", "Where one batch's time went (`--profile`):", ""]
+        for r in profiled:
+            prof = r["profile"]
+            text = prof.get("status") or f"{profile_line(prof, width=8)} ({prof['scope']})"
+            lines.append(f"- {_label(r)}: {text}" + (f"; {prof['note']}" if prof.get("note") else ""))
+    lines += ["", "Targets (issue 8):", ""]
+    lines += [f"- {format_check(c)}" for c in check_targets(result)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Print (or write) a bench result file as a markdown page for docs/bench."
+    )
+    parser.add_argument("result", type=Path, help="a throughput-*.json written by `tckr-engine bench`")
+    parser.add_argument("--out", type=Path, help="write the page here instead of printing it")
+    args = parser.parse_args(argv)
+    try:
+        result = json.loads(args.result.read_text())
+        page = format_markdown(result, source=str(args.result))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(
+            f"error: {args.result} is not a readable bench result ({type(e).__name__}: {e})"
+        ) from None
+    if args.out is None:
+        sys.stdout.write(page)  # the page is this command's output, not a log line
+    else:
+        atomic_write(args.out, page.encode())
+
+
+if __name__ == "__main__":
+    main()

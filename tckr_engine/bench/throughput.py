@@ -55,6 +55,7 @@ from tckr_engine.bench.contenders import (
 from tckr_engine.bench.flops import device_name, device_peak, generation_flops, measured_matmul_tflops
 from tckr_engine.bench.kernels import git_sha
 from tckr_engine.bench.results import format_table, write_results
+from tckr_engine.bench.targets import check_targets
 from tckr_engine.bench.trainer import read_tar_images, trainer_throughput
 from tckr_engine.config import (
     ATTENTION,
@@ -437,6 +438,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: BenchProgress | None 
             rows += _trainer_rows(cfg, urls, run["spec"]["classes"], device, progress, budget)
             trainer = rows[-1].pop("_detail", None)
     result = result_so_far([])
+    result["targets"] = check_targets(result)  # issue 8's acceptance targets, judged on this run
     if budget.stopped:
         progress.status(f"--time-budget {cfg.time_budget_s:g} s left out: {'; '.join(budget.stopped)}")
     result["files"] = write_results(Path(out), result)
