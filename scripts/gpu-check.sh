@@ -7,6 +7,8 @@
 # ($GPU_CHECK_SECONDS, default 560 s of the device tool's 600 s per call), and the bench has a --time-budget
 # inside its timeout, so it writes its results rather than being killed. The device tool returns at most 8
 # files from $OUT: log.txt (environment + every step's output), kernels/{csv,json,png}, bench/{csv,json,png}.
+# Back here: `python -m tckr_engine.bench.results <files_at>/bench/throughput-sd15-arch-cuda.json --out PAGE.md`
+# writes the page for docs/bench, the issue-8 targets judged on the run included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
