@@ -8,10 +8,11 @@ and `generate_shards` take. Values come, in increasing priority, from the datacl
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,12 @@ def check_positive(name: str, value: Any, hi: int | None = None) -> None:
         raise TckrError(f"{name} must be a positive integer, got {value!r}")
     if hi is not None and value > hi:
         raise TckrError(f"{name} must be at most {hi}, got {value}")
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean X?)` for the closest of `choices` to a misspelt `word`, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def is_number(value: Any) -> bool:
@@ -222,7 +229,8 @@ def generate_config_from_toml(path: str | Path) -> GenerateConfig:
         name = key.replace("-", "_")
         if name not in known:
             raise TckrError(
-                f"unknown key '{key}' in [generate] of {path}; valid keys: {', '.join(sorted(known))}"
+                f"unknown key '{key}' in [generate] of {path}{did_you_mean(name, known)}; valid keys: "
+                f"{', '.join(sorted(known))}"
             )
         values[name] = value
     check_field_types(GenerateConfig, values, f"[generate] of {path}:")

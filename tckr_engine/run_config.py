@@ -25,7 +25,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tckr_engine.config import GenerateConfig, check_field_types, is_finite_number, load_toml
+from tckr_engine.config import (
+    GenerateConfig,
+    check_field_types,
+    did_you_mean,
+    is_finite_number,
+    load_toml,
+)
 from tckr_engine.errors import TckrError
 
 CAPTIONERS = ("attributes", "hf", "none")
@@ -58,8 +64,9 @@ def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
     """`where` names the table as the user wrote it: "[teacher]", "[[students]] small", ..."""
     unknown = sorted(set(table) - allowed)
     if unknown:
+        hint = did_you_mean(unknown[0], allowed) if len(unknown) == 1 else ""
         raise TckrError(
-            f"unknown key(s) {', '.join(unknown)} in {where}; valid keys: {', '.join(sorted(allowed))}"
+            f"unknown key(s) {', '.join(unknown)} in {where}{hint}; valid keys: {', '.join(sorted(allowed))}"
         )
 
 

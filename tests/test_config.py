@@ -47,7 +47,9 @@ def test_toml_errors(tmp_path):
         generate_config_from_toml(bad)
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[generate]\nnum_imgs = 3\n")
-    with pytest.raises(TckrError, match="unknown key 'num_imgs'"):
+    with pytest.raises(
+        TckrError, match=r"unknown key 'num_imgs' in .* \(did you mean num_images\?\); valid keys"
+    ):
         generate_config_from_toml(unknown)
     with pytest.raises(TckrError, match="config file not found"):
         generate_config_from_toml(tmp_path / "missing.toml")

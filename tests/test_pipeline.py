@@ -147,10 +147,17 @@ def test_changed_student_settings_redo_only_that_student(tiny_pipeline, tmp_path
         ),
         (("num_images = 120", 'num_images = "many"'), r"^\[generate\] num_images must be a positive integer"),
         (("num_images = 120", "ratio = -1"), r"^\[generate\] ratio must be a positive number"),
-        (("workers = 0", "workers = 0\nepoch = 3"), r"^unknown key\(s\) epoch in \[train\];"),
+        (
+            ("workers = 0", "workers = 0\nepoch = 3"),
+            r"^unknown key\(s\) epoch in \[train\] \(did you mean epochs\?\);",
+        ),
+        (
+            ("workers = 0", "workers = 0\nzzz = 3"),
+            r"^unknown key\(s\) zzz in \[train\]; valid keys: arch, ",
+        ),  # no close key
         (
             ('labels = "hard"', 'labels = "hard"\nepoch = 3'),
-            r"^unknown key\(s\) epoch in \[\[students\]\] student-hard;",
+            r"^unknown key\(s\) epoch in \[\[students\]\] student-hard \(did you mean epochs\?\);",
         ),
     ],
 )
