@@ -150,3 +150,43 @@ def test_compile_backend_with_cuda_graphs_matches_torch(gpu_torch_run, tmp_path)
     out = tmp_path / "compiled-cuda"
     generate(gpu_config(backend="compile"), out)
     assert_same_images(gpu_torch_run, out)
+
+
+@pytest.mark.parametrize(
+    "items, cap, workers, size",
+    [
+        (48, 16, 2, 12),  # 4 groups, 24 images per worker; 16 would leave one worker 32 and the other 16
+        (50, 16, 2, 13),
+        (80, 16, 2, 14),
+        (100, 16, 2, 16),  # 52 and 48 images per worker: within 5 % of even, fuller calls kept
+        (64, 16, 2, 16),
+        (20, 16, 2, 10),
+        (5, 32, 2, 3),
+        (7, 16, 3, 3),
+        (1, 16, 2, 1),
+        (100, 16, 4, 13),
+    ],
+)
+def test_balanced_part_keeps_the_workers_evenly_busy(items, cap, workers, size):
+    from tckr_engine.engine.backends import balanced_part
+
+    assert balanced_part(items, cap, workers) == size
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_side_by_side_images_do_not_depend_on_the_group_size(backend, cache_dir):
+    """The CPU groups' size comes from `balanced_part`, which a later version may change: a resumed folder
+    must not change its images with it. Every grouping of a batch gives the same bytes."""
+    from tckr_engine.engine.backends import ParallelSlices
+    from tckr_engine.engine.engine import Engine
+    from tckr_engine.engine.spec import resolve
+
+    run, resources = resolve(tiny_config(backend=backend, threads=2, batch_size=12, num_images=12).validate())
+    engine = Engine(run["spec"], resources)
+    assert isinstance(engine.denoiser, ParallelSlices) and engine.denoiser.workers == 2
+    batch = next(engine.scheduler.schedule([0]))
+    images = []
+    for size in (12, 6, 5, 4, 1):  # one group; even; uneven (5, 5, 2); 3 groups on 2 workers; single images
+        engine.denoiser.group_size = lambda items, rows_per_item, size=size: size
+        images.append(engine.sample(batch)[0])
+    assert all(torch.equal(images[0], other) for other in images[1:])
