@@ -257,9 +257,10 @@ class ParallelSlices(Denoiser):
     """Row slices of at most `rows` rows, `len(inners)` at a time on worker threads of one torch thread each.
 
     A call's rows are cut into slices of at most `rows` sized to keep the workers evenly busy
-    (`balanced_part`). Each slice goes to whichever single-threaded denoiser is free; outputs are concatenated in row order, so the result does
-    not depend on which worker ran which slice (it can differ in the last bits from the same slices run on
-    several threads). The caller's grad / inference mode (per thread in PyTorch) holds in the workers too.
+    (`balanced_part`). Each slice goes to whichever single-threaded denoiser is free; outputs are
+    concatenated in row order, so the result does not depend on which worker ran which slice (it can
+    differ in the last bits from the same slices run on several threads). The caller's grad / inference
+    mode (per thread in PyTorch) holds in the workers too.
     """
 
     def __init__(self, inners: list[Denoiser], rows: int) -> None:
