@@ -200,9 +200,9 @@ def format_markdown(result: dict[str, Any], source: str = "") -> str:
         f"{v.get('tensorrt')}; Python {meta['python']} on {meta['platform']}"
         + (f"; note: {meta['note']}" if meta.get("note") else ""),
         "",
-        f"{meta['dtype']}, {meta['threads']} threads, batch sizes {cfg['batch_sizes']}, {cfg['images']} "
-        "images, "
-        f"{cfg['steps']} {cfg['sampler']} steps, guidance {cfg['guidance']:g}, {cfg['repeats']} repeats; "
+        f"{meta['dtype']}, {meta['threads']} threads, batch sizes {cfg['batch_sizes']}, "
+        f"{cfg['images']} images, {cfg['steps']} {cfg['sampler']} steps, guidance {cfg['guidance']:g}, "
+        f"{cfg['repeats']} repeats; "
         f"{flops.get('flops_per_image', 0) / 1e9:.2f} GFLOP per image; measured {mm.get('dtype')} matmul "
         f"{mm.get('tflops', 0) * 1e3:.1f} GFLOP/s"
         + (f", table peak {peak / 1e12:.0f} TFLOP/s" if peak else "")

@@ -165,14 +165,9 @@ def build_network(
     arch: str, in_channels: int, num_classes: int, init_weights: str | None = None, **arch_kwargs: Any
 ) -> nn.Module:
     """The bare network (float (B, C, H, W) -> logits (B, K)) of a registered or `timm:` architecture."""
-    if arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX):
-        return _timm_net(arch[len(TIMM_PREFIX) :], in_channels, num_classes, init_weights, **arch_kwargs)
+    check_arch(arch, init_weights=init_weights)
     if arch not in ARCHS:
-        raise TckrError(f"unknown classifier architecture {arch!r}; choose one of {ARCH_HELP}")
-    if init_weights is not None:
-        raise TckrError(
-            f"init_weights is only supported for {TIMM_PREFIX}<model name> classifiers, not {arch}"
-        )
+        return _timm_net(arch[len(TIMM_PREFIX) :], in_channels, num_classes, init_weights, **arch_kwargs)
     try:
         return ARCHS[arch](in_channels, num_classes, **arch_kwargs)
     except TypeError as e:
