@@ -173,20 +173,26 @@ def test_balanced_part_keeps_the_workers_evenly_busy(items, cap, workers, size):
     assert balanced_part(items, cap, workers) == size
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_side_by_side_images_do_not_depend_on_the_group_size(backend, cache_dir):
-    """The CPU groups' size comes from `balanced_part`, which a later version may change: a resumed folder
-    must not change its images with it. Every grouping of a batch gives the same bytes."""
-    from tckr_engine.engine.backends import ParallelSlices
-    from tckr_engine.engine.engine import Engine
+def test_group_sizes_are_part_of_the_run_spec(tmp_path):
+    """A UNet call's last bits can depend on its row count, so the group rule is in the spec: a spec from
+    before `balanced_part` keeps the old groups when built from, and its folder is not resumed under the new
+    rule (one clear error) but can be overwritten."""
+    from tckr_engine.engine.backends import ParallelSlices, make_denoiser
+    from tckr_engine.engine.generate import prepare_folder
     from tckr_engine.engine.spec import resolve
+    from tckr_engine.models.generator import build_preset
 
-    run, resources = resolve(tiny_config(backend=backend, threads=2, batch_size=12, num_images=12).validate())
-    engine = Engine(run["spec"], resources)
-    assert isinstance(engine.denoiser, ParallelSlices) and engine.denoiser.workers == 2
-    batch = next(engine.scheduler.schedule([0]))
-    images = []
-    for size in (12, 6, 5, 4, 1):  # one group; even; uneven (5, 5, 2); 3 groups on 2 workers; single images
-        engine.denoiser.group_size = lambda items, rows_per_item, size=size: size
-        images.append(engine.sample(batch)[0])
-    assert all(torch.equal(images[0], other) for other in images[1:])
+    run, _ = resolve(tiny_config(threads=2).validate())
+    assert run["spec"]["cpu_slicing"] == {"rows": 32, "workers": 2, "groups": "balanced"}
+    gen = build_preset("tiny-digits")
+    new = make_denoiser(run["spec"], gen)
+    old_spec = {**run["spec"], "cpu_slicing": {"rows": 32, "workers": 2}}
+    old = make_denoiser(old_spec, gen)
+    assert isinstance(new, ParallelSlices) and isinstance(old, ParallelSlices)
+    assert (new.group_size(48, 2), old.group_size(48, 2)) == (12, 16)  # 24 + 24 images, against 32 + 16
+    assert (new.group_size(64, 2), old.group_size(64, 2)) == (16, 16)
+    out = tmp_path / "shards"
+    prepare_folder(out, {**run, "spec": old_spec}, overwrite=False)
+    with pytest.raises(TckrError, match="cpu_slicing"):
+        prepare_folder(out, run, overwrite=False)
+    prepare_folder(out, run, overwrite=True)

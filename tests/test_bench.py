@@ -151,8 +151,8 @@ def test_cpu_slicing_is_a_function_of_device_backend_and_threads(monkeypatch):
         return cpu_slicing(device, backend, threads, unet_params=unet_params)
 
     assert slicing("cpu", "torch", 1) == {"rows": 32, "workers": 1}
-    assert slicing("cpu", "torch", 2) == {"rows": 32, "workers": 2}  # side by side, a thread each
-    assert slicing("cpu", "onnxruntime", 2) == {"rows": 32, "workers": 2}
+    side_by_side = {"rows": 32, "workers": 2, "groups": "balanced"}  # a thread each, groups by balanced_part
+    assert slicing("cpu", "torch", 2) == side_by_side and slicing("cpu", "onnxruntime", 2) == side_by_side
     assert slicing("cpu", "compile", 2) == {"rows": 64, "workers": 1}  # one slice on both threads
     assert slicing("cpu", "torch", 2, unet_params=860_000_000) == {"rows": 64, "workers": 1}  # SD-size
     assert slicing("cuda", "torch", 2) is None and slicing("cpu", "tensorrt", 2) is None

@@ -186,7 +186,7 @@ def engine_contender(
     return c
 
 
-def slicing_note(slicing: dict[str, int] | None) -> str:
+def slicing_note(slicing: dict[str, Any] | None) -> str:
     """How a row ran the UNet on the CPU (`engine.backends.cpu_slicing`), for its notes."""
     if slicing is None:
         return ""

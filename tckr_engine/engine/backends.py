@@ -256,17 +256,19 @@ class MicroBatched(Denoiser):
 class ParallelSlices(Denoiser):
     """Row slices of at most `rows` rows, `len(inners)` at a time on worker threads of one torch thread each.
 
-    A call's rows are cut into slices of at most `rows` sized to keep the workers evenly busy
-    (`balanced_part`). Each slice goes to whichever single-threaded denoiser is free; outputs are
+    A batch of fewer than `rows x workers` rows is cut into `workers` even slices (the sampling loops of
+    `Engine.sample` run on groups sized by `group_size` instead). Each slice goes to whichever
+    single-threaded denoiser is free; outputs are
     concatenated in row order, so the result does not depend on which worker ran which slice (it can
     differ in the last bits from the same slices run on several threads). The caller's grad / inference
     mode (per thread in PyTorch) holds in the workers too.
     """
 
-    def __init__(self, inners: list[Denoiser], rows: int) -> None:
+    def __init__(self, inners: list[Denoiser], rows: int, balanced: bool = True) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.rows, self.workers, self.name = rows, len(inners), inners[0].name
+        self.balanced = balanced  # group sizes by `balanced_part`; False: the rule of run specs before it
         self.free: queue.SimpleQueue[Denoiser] = queue.SimpleQueue()
         for inner in inners:
             self.free.put(inner)
@@ -292,13 +294,21 @@ class ParallelSlices(Denoiser):
     def group_size(self, items: int, rows_per_item: int) -> int:
         """Items (images) per group when whole sampling loops run side by side (`Engine.sample`): a
         group's UNet call has at most `self.rows` rows, and the groups keep the workers evenly busy
-        (`balanced_part`)."""
-        return balanced_part(items, max(1, self.rows // rows_per_item), self.workers)
+        (`balanced_part`; without `balanced`, as many full groups as fit and the rest)."""
+        cap = max(1, self.rows // rows_per_item)
+        if self.balanced:
+            return balanced_part(items, cap, self.workers)
+        return min(cap, -(-items // self.workers))
 
     def slice_rows(self, rows: int) -> int:
-        """Rows per slice for a call of `rows` rows: at most `self.rows`, slices that keep the workers
-        evenly busy (`balanced_part`)."""
-        return balanced_part(rows, self.rows, self.workers)
+        """Rows per slice for a call of `rows` rows: at most `self.rows`, and a small call is still cut
+        into `workers` even slices so that every worker is busy."""
+        return max(1, min(self.rows, -(-rows // self.workers)))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        r = self.slice_rows(x.shape[0])
+        parts = self.map(lambda model, i: model(x[i : i + r], t, context[i : i + r]), range(0, x.shape[0], r))
+        return torch.cat(parts)  # (B, C, h, w)
 
 
 BALANCE_SLACK = 1.05  # a part size within 5 % of the best schedule's end keeps the larger calls
@@ -309,7 +319,8 @@ def balanced_part(items: int, cap: int, workers: int) -> int:
     each take the next part when free, every item costing the same: the largest size whose schedule ends
     within `BALANCE_SLACK` of the earliest end (fuller calls run faster per row). E.g. 48 images in groups
     of at most 16 on 2 workers: 12 (24 images each), not 16 (three groups: 32 images on one worker, 16 on
-    the other); 100: 16 (52 and 48 images). The rows are independent, so the images do not depend on it."""
+    the other); 100: 16 (52 and 48 images). A UNet call's last float bits can depend on its row count
+    (the kernels oneDNN / MKL pick), so the rule is part of the run spec (`cpu_slicing["groups"]`)."""
     ends = {}
     for size in range(1, max(1, min(cap, items)) + 1):
         loads = [0] * workers
@@ -318,11 +329,6 @@ def balanced_part(items: int, cap: int, workers: int) -> int:
         ends[size] = max(loads)
     earliest = min(ends.values())
     return max(size for size, end in ends.items() if end <= BALANCE_SLACK * earliest)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        r = self.slice_rows(x.shape[0])
-        parts = self.map(lambda model, i: model(x[i : i + r], t, context[i : i + r]), range(0, x.shape[0], r))
-        return torch.cat(parts)  # (B, C, h, w)
 
 
 # Override of CPU_ROWS_PER_THREAD for profiling (0 = one call for the whole batch). It is recorded in the run
@@ -333,7 +339,7 @@ CPU_ROWS_ENV = "TCKR_CPU_ROWS_PER_THREAD"
 CPU_SIDE_BY_SIDE_ENV = "TCKR_CPU_SIDE_BY_SIDE"
 
 
-def cpu_slicing(device: str, backend: str, threads: int, *, unet_params: int) -> dict[str, int] | None:
+def cpu_slicing(device: str, backend: str, threads: int, *, unet_params: int) -> dict[str, Any] | None:
     """How the CPU runs the UNet over a batch: slices of `rows` rows, `workers` of them at a time (each on
     one thread when workers > 1, else all `threads` on one slice). None: one call per batch, as on GPUs.
 
@@ -355,7 +361,10 @@ def cpu_slicing(device: str, backend: str, threads: int, *, unet_params: int) ->
         raise TckrError(f"{CPU_SIDE_BY_SIDE_ENV} must be 0 or 1, got {side_by_side!r}")
     small = unet_params <= SIDE_BY_SIDE_MAX_UNET_PARAMS
     if backend in PARALLEL_SLICE_BACKENDS and threads > 1 and side_by_side == "1" and small:
-        return {"rows": rows, "workers": threads}
+        # "groups": how Engine.sample sizes its groups of images (`balanced_part`). A spec without it was
+        # written before that rule: built from, it keeps the old groups; `generate` refuses to resume its
+        # folder under the new spec (a changed cpu_slicing) instead of mixing the two
+        return {"rows": rows, "workers": threads, "groups": "balanced"}
     return {"rows": rows * threads, "workers": 1}
 
 
@@ -368,5 +377,5 @@ def make_denoiser(spec: dict[str, Any], generator: Generator) -> Denoiser:
         return _CLASSES[backend](spec, generator)
     if slicing["workers"] > 1:  # one single-threaded denoiser per worker
         inners = [_CLASSES[backend]({**spec, "threads": 1}, generator) for _ in range(slicing["workers"])]
-        return ParallelSlices(inners, slicing["rows"])
+        return ParallelSlices(inners, slicing["rows"], balanced=slicing.get("groups") == "balanced")
     return MicroBatched(_CLASSES[backend](spec, generator), slicing["rows"])

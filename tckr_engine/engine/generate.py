@@ -89,8 +89,14 @@ def read_run(out: Location) -> dict[str, Any] | None:
 
 
 def _refuse_other_run(store: Store, diff: list[str]) -> None:
+    why = (
+        " (cpu_slicing follows --threads, the backend, the TCKR_CPU_* settings and the tckr-engine version"
+        " that started the folder)"
+        if "cpu_slicing" in diff
+        else ""
+    )
     raise TckrError(
-        f"{store} holds a different run (changed: {', '.join(diff)}); use the same options to resume, "
+        f"{store} holds a different run (changed: {', '.join(diff)}){why}; use the same options to resume, "
         "a new folder, or --overwrite to replace it"
     )
 
