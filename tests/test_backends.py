@@ -196,3 +196,20 @@ def test_group_sizes_are_part_of_the_run_spec(tmp_path):
     with pytest.raises(TckrError, match="cpu_slicing"):
         prepare_folder(out, run, overwrite=False)
     prepare_folder(out, run, overwrite=True)
+
+
+def test_the_padding_of_a_shards_last_batch_is_not_sampled():
+    """CPU side by side: the copies that pad a shard's last batch to the batch size are never written, so
+    only the real images run their sampling loops and the last one stands in for the padding."""
+    from tckr_engine.engine.engine import Engine
+    from tckr_engine.engine.spec import resolve
+
+    run, resources = resolve(tiny_config(threads=2, num_images=10, shard_size=10, batch_size=8).validate())
+    engine = Engine(run["spec"], resources)
+    last = list(engine.scheduler.schedule([0]))[-1]
+    assert (last.n_real, len(last.jobs)) == (2, 8)
+    calls, map_ = [], engine.denoiser.map
+    engine.denoiser.map = lambda fn, items: calls.append(list(items)) or map_(fn, calls[-1])
+    images, _ = engine.sample(last)
+    assert calls == [[slice(0, 1), slice(1, 2)]]  # two real images, a group each; no padding
+    assert images.shape[0] == 8 and all(torch.equal(images[i], images[1]) for i in range(2, 8))

@@ -93,9 +93,13 @@ class Engine:
             # Groups of images run their own sampling loops side by side, one single-threaded UNet each:
             # no barrier per denoising step (the scheduler's step and the CFG mix run in the workers too).
             # A group's UNet call has the same rows as a ParallelSlices slice; the ops are row-wise, so the
-            # images are those of one loop over the whole batch (tests/test_bench.py).
-            g = self.denoiser.group_size(len(jobs), 2 if self._uncond is not None else 1)
-            x = torch.cat(self.denoiser.map(loop, [slice(i, i + g) for i in range(0, len(jobs), g)]))
+            # images are those of one loop over the whole batch (tests/test_bench.py). The padding of a
+            # shard's last batch (copies of its last real job, never written) is not sampled: the last
+            # real image stands in for it, so the shapes stay those of a full batch.
+            n = batch.n_real
+            g = self.denoiser.group_size(n, 2 if self._uncond is not None else 1)
+            x = torch.cat(self.denoiser.map(loop, [slice(i, min(i + g, n)) for i in range(0, n, g)]))
+            x = torch.cat([x, x[-1:].expand(len(jobs) - n, *x.shape[1:])])  # (B, C, h, w)
         else:
             x = loop(self.denoiser, slice(None))
         images = self.generator.decode(x)  # (B, H, W, C) uint8
