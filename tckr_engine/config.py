@@ -43,7 +43,7 @@ class GenerateConfig:
     model: str = "fmnist"
     dataset: str = "fashion-mnist"  # where class names (and their indices) come from
     num_images: int = 1000
-    shard_size: int = 1024  # a multiple of batch_size avoids padded batches
+    shard_size: int = 1024  # a multiple of batch_size avoids padded batches (sampled on GPUs, not on CPUs)
     batch_size: int = 64
     steps: int = 20
     guidance: float = 2.0  # TCKR's value; <= 1 disables classifier-free guidance (one forward per step)
