@@ -92,8 +92,8 @@ class Engine:
         if isinstance(self.denoiser, ParallelSlices):
             # Groups of images run their own sampling loops side by side, one single-threaded UNet each:
             # no barrier per denoising step (the scheduler's step and the CFG mix run in the workers too).
-            # A group's UNet call has the same rows as a ParallelSlices slice; the ops are row-wise, so the
-            # images are those of one loop over the whole batch (tests/test_bench.py). The padding of a
+            # The images are those of one loop over the batch whose UNet calls are cut into the groups'
+            # rows (tests/test_bench.py); the group sizes are the spec's (`cpu_slicing`). The padding of a
             # shard's last batch (copies of its last real job, never written) is not sampled: the last
             # real image stands in for it, so the shapes stay those of a full batch.
             n = batch.n_real
