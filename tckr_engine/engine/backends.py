@@ -258,10 +258,9 @@ class ParallelSlices(Denoiser):
 
     A batch of fewer than `rows x workers` rows is cut into `workers` even slices (the sampling loops of
     `Engine.sample` run on groups sized by `group_size` instead). Each slice goes to whichever
-    single-threaded denoiser is free; outputs are
-    concatenated in row order, so the result does not depend on which worker ran which slice (it can
-    differ in the last bits from the same slices run on several threads). The caller's grad / inference
-    mode (per thread in PyTorch) holds in the workers too.
+    single-threaded denoiser is free; outputs are concatenated in row order, so the result does not depend
+    on which worker ran which slice (it can differ in the last bits from the same slices run on several
+    threads). The caller's grad / inference mode (per thread in PyTorch) holds in the workers too.
     """
 
     def __init__(self, inners: list[Denoiser], rows: int, balanced: bool = True) -> None:
@@ -298,7 +297,7 @@ class ParallelSlices(Denoiser):
         cap = max(1, self.rows // rows_per_item)
         if self.balanced:
             return balanced_part(items, cap, self.workers)
-        return min(cap, -(-items // self.workers))
+        return max(1, min(cap, -(-items // self.workers)))
 
     def slice_rows(self, rows: int) -> int:
         """Rows per slice for a call of `rows` rows: at most `self.rows`, and a small call is still cut
