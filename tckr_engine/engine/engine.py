@@ -99,7 +99,8 @@ class Engine:
             n = batch.n_real
             g = self.denoiser.group_size(n, 2 if self._uncond is not None else 1)
             x = torch.cat(self.denoiser.map(loop, [slice(i, min(i + g, n)) for i in range(0, n, g)]))
-            x = torch.cat([x, x[-1:].expand(len(jobs) - n, *x.shape[1:])])  # (B, C, h, w)
+            if n < len(jobs):  # a padded batch; a full one is not copied again
+                x = torch.cat([x, x[-1:].expand(len(jobs) - n, *x.shape[1:])])  # (B, C, h, w)
         else:
             x = loop(self.denoiser, slice(None))
         images = self.generator.decode(x)  # (B, H, W, C) uint8
